@@ -1,0 +1,449 @@
+"""Train a reward model with Bradley-Terry, BT + BSR, or a baseline loss, under DeepSpeed ZeRO-3.
+
+Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (ICML 2025), Sec. 4.
+
+    # one process, CPU or one GPU (gloo on CPU)
+    python train_rm.py --model runs/toy/base --train-file runs/toy/data/train.jsonl \
+        --eval-file runs/toy/data/valid_id.jsonl --out runs/toy/rm_bsr --loss bsr --lam 1e-3
+    # one node, 8 GPUs (the paper: global batch 128, lr 5e-6 for 1-1.5B, 3e-6 for 3B, 2e-6 for 7-8B)
+    deepspeed --num_gpus 8 train_rm.py --model Qwen/Qwen2.5-1.5B --train-file data/train.jsonl \
+        --out runs/rm_bsr --loss bsr --lam 1e-3 --lr 5e-6 --micro-batch-size 16 --gradient-checkpointing
+    # several nodes (shared filesystem for --out)
+    deepspeed --hostfile hostfile train_rm.py ...
+    # continue after a crash or kill
+    python train_rm.py ...same flags... --resume
+
+--out receives: the final HF checkpoint (AutoModelForSequenceClassification.from_pretrained(out) loads it),
+train_config.json, metrics.jsonl (per step and per epoch), epoch-N/ (a checkpoint per epoch) and resume/
+(DeepSpeed state for --resume).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+
+# ===================================================================================================
+# ALGORITHM CORE: the loss (torch only; paste it anywhere)
+# ===================================================================================================
+
+
+def preference_loss(rewards_chosen, rewards_rejected, loss_type="bsr", lam=1e-3, margin=1.0):
+    """Reward-model loss on a batch B of pairs; returns (loss, bt_loss). Means run over B.
+
+    bt     -log s(r_w - r_l)                                   eq. 3/18
+    bsr    bt + lam * ((1/2|B|) sum_i (r_w,i + r_l,i))^2        eq. 24-25 (sum-to-zero over the WHOLE batch)
+    hinge  max(0, m - (r_w - r_l))                             eq. 30
+    norm   -log s((r_w - r_l) / sqrt(r_w^2 + r_l^2))           eq. 29
+    dr     bt - log s(r_w) - log s(-r_l)                       eq. 31
+    center bt + lam * mean((r_w + r_l)^2)   TRL's center_rewards_coefficient: zero-centres each pair
+    Exact gradient of the BSR term on h(x_i, y_ij) = (mean reward of B / |B|) * Wp (eq. 28 prints
+    r(x_i, y_ij) in place of the batch mean). bt_loss is plain BT on the same rewards, for logging.
+    """
+    rc, rr = rewards_chosen.float(), rewards_rejected.float()
+    bt = -F.logsigmoid(rc - rr).mean()
+    if loss_type == "bt":
+        loss = bt
+    elif loss_type == "bsr":
+        loss = bt + lam * torch.cat([rc, rr]).mean().square()
+    elif loss_type == "center":
+        loss = bt + lam * (rc + rr).square().mean()
+    elif loss_type == "dr":
+        loss = bt - (F.logsigmoid(rc) + F.logsigmoid(-rr)).mean()
+    elif loss_type == "hinge":
+        loss = torch.relu(margin - (rc - rr)).mean()
+    elif loss_type == "norm":  # the tiny epsilon keeps the gradient finite when both rewards are 0
+        loss = -F.logsigmoid((rc - rr) / (rc.square() + rr.square() + 1e-12).sqrt()).mean()
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return loss, bt
+
+
+LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
+
+# ===================================================================================================
+# Arguments
+# ===================================================================================================
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub id or local path of a causal LM / encoder checkpoint")
+    p.add_argument("--train-file", required=True,
+                   help="JSONL with prompt/chosen/rejected (strings or chat message lists), or a hub dataset id "
+                        "with chosen/rejected message lists (Skywork-Reward-Preference-80K-v0.2 format)")
+    p.add_argument("--train-split", default="train", help="split, when --train-file is a hub dataset")
+    p.add_argument("--eval-file", default=None, help="pairs in the same format; pair accuracy each epoch")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--loss", choices=LOSSES, default="bsr", help="loss (see preference_loss)")
+    p.add_argument("--lam", type=float, default=1e-3, help="BSR / center weight lambda")
+    p.add_argument("--margin", type=float, default=1.0, help="hinge margin m")
+    p.add_argument("--bsr-scope", choices=("global", "micro"), default="global",
+                   help="global: |B| = the whole global batch (all ranks, all accumulation steps; exact "
+                        "eq. 25). micro: the official code's form, per device: lam * micro_batch * mean^2")
+    p.add_argument("--lr", type=float, default=5e-6, help="peak lr (paper: 5e-6 1-1.5B, 3e-6 3B, 2e-6 7-8B)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup share, then linear decay")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the train set")
+    p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per device per forward")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="sequences per device per eval forward")
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per (prompt, response) sequence")
+    p.add_argument("--truncate", action="store_true",
+                   help="truncate over-long pairs (keeps the end of the response) instead of skipping them")
+    p.add_argument("--max-train-pairs", type=int, default=None, help="use only the first N valid pairs")
+    p.add_argument("--seed", type=int, default=42, help="seed for head init and data order")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
+    p.add_argument("--head-init", choices=("paper", "keep"), default="paper",
+                   help="paper: re-initialise Wp ~ N(0, 1/(H+1)); keep: continue from --model's head")
+    p.add_argument("--save-steps", type=int, default=100, help="resume checkpoint every N steps (0 = epochs only)")
+    p.add_argument("--norm-stats-pairs", type=int, default=2048,
+                   help="train pairs sampled for the per-epoch ||h_w - h_l|| statistics (0 = off)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
+    p.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+                   help="DeepSpeed JSON config; its \"auto\" values are filled from these flags")
+    return p.parse_args(argv)
+
+
+# ===================================================================================================
+# Data: pairs -> token ids, with counted skips
+# ===================================================================================================
+
+
+def load_pairs(source, split, tokenizer, max_length, truncate, max_pairs=None):
+    """Tokenized pairs [(chosen_ids, rejected_ids)] and a {reason: count} of skipped rows."""
+    from utils import encode_prompt_response, iter_rows, parse_pair
+
+    pairs, skipped = [], {}
+    for where, row in iter_rows(source, split):
+        parsed = parse_pair(row, where)
+        if parsed[0] == "skip":
+            skipped[parsed[1]] = skipped.get(parsed[1], 0) + 1
+            continue
+        prompt, chosen, rejected = parsed
+        ids_c = encode_prompt_response(tokenizer, prompt, chosen, max_length, truncate)
+        ids_r = encode_prompt_response(tokenizer, prompt, rejected, max_length, truncate)
+        if ids_c is None or ids_r is None:
+            skipped[f"longer than --max-length {max_length}"] = skipped.get(f"longer than --max-length {max_length}", 0) + 1
+            continue
+        if ids_c == ids_r:
+            skipped["chosen == rejected after tokenization"] = skipped.get("chosen == rejected after tokenization", 0) + 1
+            continue
+        pairs.append((ids_c, ids_r))
+        if max_pairs and len(pairs) >= max_pairs:
+            break
+    return pairs, skipped
+
+
+def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
+    """The epoch's global batches: a seeded shuffle (paper: random batches), each batch sorted by length.
+
+    Sorting inside a batch only changes which device/micro-step gets which pairs (less padding); the set
+    of pairs in B, and so the loss, is unchanged. Pairs beyond the last full batch wait for the next epoch.
+    """
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_pairs, generator=gen).tolist()
+    batches = [perm[i: i + global_batch] for i in range(0, n_pairs - global_batch + 1, global_batch)]
+    return [sorted(b, key=lambda i: -pair_len[i]) for b in batches]
+
+
+# ===================================================================================================
+# Main
+# ===================================================================================================
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import deepspeed
+    import scipy.stats
+    from tqdm import tqdm
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import utils
+    from utils import DataError, print0
+
+    utils.quiet_libraries()
+    rank, world, _, device = utils.init_distributed()
+    torch.manual_seed(args.seed)
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    per_step_pairs = args.micro_batch_size * world
+    if args.global_batch_size % per_step_pairs:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
+    grad_accum = args.global_batch_size // per_step_pairs
+    resume_dir = os.path.join(args.out, "resume")
+    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+
+    # ---------------------------------------------------------------- data
+    tokenizer = utils.load_tokenizer(args.model)
+    try:
+        pairs, skipped = load_pairs(args.train_file, args.train_split, tokenizer, args.max_length,
+                                    args.truncate, args.max_train_pairs)
+        eval_pairs, eval_skipped = (load_pairs(args.eval_file, "train", tokenizer, args.max_length, args.truncate)
+                                    if args.eval_file else ([], {}))
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    for name, sk in (("train", skipped), ("eval", eval_skipped)):
+        for reason, count in sk.items():
+            print0(f"[data] {name}: skipped {count} rows ({reason})")
+    if len(pairs) < args.global_batch_size:
+        raise SystemExit(f"{args.train_file}: {len(pairs)} usable pairs, fewer than one global batch "
+                         f"({args.global_batch_size})")
+    pair_len = [max(len(c), len(r)) for c, r in pairs]
+    steps_per_epoch = len(pairs) // args.global_batch_size
+    total_steps = steps_per_epoch * args.epochs
+    print0(f"[data] {len(pairs)} train pairs, {len(eval_pairs)} eval pairs; {steps_per_epoch} steps/epoch x "
+           f"{args.epochs} epochs; {len(pairs) % args.global_batch_size} pairs/epoch wait for the next shuffle")
+    print0(f"[batch] global {args.global_batch_size} = micro {args.micro_batch_size} x world {world} x "
+           f"accumulation {grad_accum}; BSR batch |B| = "
+           + (f"{args.global_batch_size} (global)" if args.bsr_scope == "global" else f"{args.micro_batch_size} per device (micro)"))
+
+    # ---------------------------------------------------------------- model (partitioned while loading)
+    from transformers import AutoConfig
+
+    hidden_size = AutoConfig.from_pretrained(args.model).get_text_config().hidden_size
+    ds_config = utils.fill_ds_config(args.ds_config, {
+        "train_batch_size": args.global_batch_size,
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": args.max_grad_norm,
+        "bf16.enabled": bf16,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    })
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
+    hf_model = utils.load_reward_model(args.model, tokenizer, torch.bfloat16 if bf16 else torch.float32,
+                                       args.attn_implementation)
+    if args.head_init == "paper":
+        utils.init_reward_head(hf_model, args.seed)
+    if args.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = utils.RewardModel(hf_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup
+                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    def forward(input_ids, attention_mask):
+        return engine(input_ids, attention_mask)
+
+    # ---------------------------------------------------------------- resume / fresh start
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start_step = 0
+    if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
+        with open(os.path.join(resume_dir, "latest")) as f:
+            state_dir = os.path.join(resume_dir, f.read().strip())
+        with open(os.path.join(args.out, "train_config.json")) as f:
+            saved = json.load(f)["args"]
+        for key in ("model", "train_file", "loss", "lam", "margin", "bsr_scope", "lr", "epochs",
+                    "global_batch_size", "max_length", "seed", "max_train_pairs"):
+            if saved.get(key) != getattr(args, key):
+                raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
+                                 f"{args.out} used {saved.get(key)!r}")
+        engine.load_checkpoint(state_dir, tag="ds")
+        with open(os.path.join(state_dir, "trainer_state.json")) as f:
+            start_step = json.load(f)["step"]
+        rng = torch.load(os.path.join(state_dir, f"rng_rank{rank}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        if utils.is_rank0() and os.path.exists(metrics_path):  # rows logged after the checkpoint are redone
+            with open(metrics_path) as f:
+                kept = [r for r in map(json.loads, f) if r["step"] <= start_step]
+            utils.write_jsonl(metrics_path, kept)
+        print0(f"[resume] from {state_dir} at step {start_step}/{total_steps}")
+    elif utils.is_rank0() and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_pairs": len(pairs),
+                  "eval_pairs": len(eval_pairs), "skipped": {"train": skipped, "eval": eval_skipped},
+                  "ds_config": ds_config}
+    if utils.is_rank0():
+        utils.write_json(os.path.join(args.out, "train_config.json"), run_config)
+
+    def log(row):
+        if utils.is_rank0():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save_resume_state(step):
+        """DeepSpeed shards + optimizer + scheduler + RNG, made visible only when complete."""
+        name = f"step-{step:08d}"
+        tmp = os.path.join(resume_dir, f".tmp-{name}")
+        if utils.is_rank0():
+            os.makedirs(resume_dir, exist_ok=True)
+        torch.distributed.barrier()
+        engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+                   os.path.join(tmp, f"rng_rank{rank}.pt"))
+        torch.distributed.barrier()
+        if utils.is_rank0():
+            utils.write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
+            utils.maybe_fault("in_resume_save")
+            os.replace(tmp, os.path.join(resume_dir, name))
+            with utils.atomic_path(os.path.join(resume_dir, "latest")) as t:
+                open(t, "w").write(name)
+            for old in os.listdir(resume_dir):  # keep only the newest state
+                if old.startswith("step-") and old != name:
+                    shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
+        torch.distributed.barrier()
+
+    # ---------------------------------------------------------------- epoch diagnostics (Figures 1-2)
+    stats_gen = torch.Generator().manual_seed(args.seed)
+    stats_idx = torch.randperm(len(pairs), generator=stats_gen)[: args.norm_stats_pairs].tolist()
+
+    eval_rewards = {}
+
+    def epoch_diagnostics(epoch):
+        engine.eval()
+        row = {"step": epoch * steps_per_epoch, "epoch": epoch, "epoch/wp_norm": utils.head_weight_norm(hf_model)}
+        if stats_idx:
+            seqs = [pairs[i][0] for i in stats_idx] + [pairs[i][1] for i in stats_idx]
+            _, hidden = utils.score_sequences(forward, seqs, tokenizer.pad_token_id, device, args.eval_batch_size,
+                                              desc=f"norm stats e{epoch}")
+            n = len(stats_idx)
+            diff = (hidden[:n] - hidden[n:]).norm(dim=1).numpy()
+            norms = hidden.norm(dim=1).numpy()
+            row.update({"epoch/hidden_diff_norm_mean": float(diff.mean()), "epoch/hidden_diff_norm_std": float(diff.std()),
+                        "epoch/hidden_diff_norm_skew": float(scipy.stats.skew(diff)),
+                        "epoch/hidden_norm_mean": float(norms.mean()), "epoch/hidden_norm_std": float(norms.std())})
+        if eval_pairs:
+            seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
+            rewards, _ = utils.score_sequences(forward, seqs, tokenizer.pad_token_id, device, args.eval_batch_size,
+                                               desc=f"eval e{epoch}")
+            rc, rr = rewards[: len(eval_pairs)], rewards[len(eval_pairs):]
+            eval_rewards[epoch] = {"rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist()}
+            row.update({"eval/accuracy": float((rc > rr).float().mean()),
+                        "eval/loss_bt": float(-F.logsigmoid(rc - rr).mean()),
+                        "eval/reward_mean": float(rewards.mean()), "eval/reward_std": float(rewards.std())})
+        engine.train()
+        log(row)
+        return row
+
+    def save_epoch_checkpoint(epoch):
+        ckpt = os.path.join(args.out, f"epoch-{epoch}")
+        sd = utils.consolidated_state_dict(engine)
+        extra = {"train_config.json": run_config}
+        if epoch in eval_rewards:  # the trainer's own rewards on --eval-file, in file order
+            extra["eval_rewards.json"] = eval_rewards[epoch]
+        utils.save_hf_checkpoint(hf_model, sd, tokenizer, ckpt, extra)
+        torch.distributed.barrier()
+        return ckpt
+
+    # ---------------------------------------------------------------- training loop
+    if start_step == 0:
+        print0(f"[epoch 0] {epoch_diagnostics(0)}")
+    engine.train()
+    per_rank = args.micro_batch_size
+    exact_prepass = args.loss == "bsr" and args.bsr_scope == "global" and grad_accum > 1
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
+    batches_epoch, batches = -1, None
+    for step in range(start_step, total_steps):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if epoch != batches_epoch:
+            batches, batches_epoch = epoch_batches(len(pairs), args.global_batch_size, epoch, args.seed, pair_len), epoch
+        batch = batches[in_epoch]
+        micro = [[batch[g * per_step_pairs + rank * per_rank + i] for i in range(per_rank)] for g in range(grad_accum)]
+        t0 = time.time()
+        lr_now = scheduler.get_last_lr()[0]
+        utils.set_fault_step(step + 1)
+
+        def micro_forward(idx):
+            seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]  # chosen and rejected, one forward
+            rewards, _ = forward(*utils.pad_batch(seqs, tokenizer.pad_token_id, device))
+            return rewards[: len(idx)], rewards[len(idx):]
+
+        if exact_prepass:  # every reward of the global batch, to centre over all of B (no grad, same weights)
+            with torch.no_grad():
+                pre = [tuple(utils.all_gather_cat(r) for r in micro_forward(idx)) for idx in micro]
+        losses, bts, all_c, all_r = [], [], [], []
+        for g, idx in enumerate(micro):
+            rc, rr = micro_forward(idx)
+            if args.bsr_scope == "micro":  # official code: per device, lam scaled by the per-device batch
+                loss, bt = preference_loss(rc, rr, args.loss, args.lam * len(idx), args.margin)
+                scale = 1.0
+                rc_log, rr_log = utils.all_gather_cat(rc.detach()), utils.all_gather_cat(rr.detach())
+            else:
+                rc_all, rr_all = utils.all_gather_cat(rc), utils.all_gather_cat(rr)
+                if exact_prepass:  # this micro-step's rewards live, the rest of B as constants
+                    rc_all = torch.cat([p[0] for p in pre[:g]] + [rc_all] + [p[0] for p in pre[g + 1:]])
+                    rr_all = torch.cat([p[1] for p in pre[:g]] + [rr_all] + [p[1] for p in pre[g + 1:]])
+                loss, bt = preference_loss(rc_all, rr_all, args.loss, args.lam, args.margin)
+                scale = grad_accum if exact_prepass else 1.0  # DeepSpeed divides by grad_accum
+                rc_log, rr_log = rc_all.detach(), rr_all.detach()
+            if utils.fault_here("nan"):
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss.detach()).float()
+            if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() == 0:
+                print0(f"[error] non-finite loss at step {step} (epoch {epoch}); stopping. The last good "
+                       f"checkpoint is in {resume_dir} (use --resume after fixing lr/data).")
+                raise SystemExit(1)
+            engine.backward(loss * scale)
+            engine.step()
+            losses.append(loss.detach())
+            bts.append(bt.detach())
+            if not (exact_prepass and g > 0):
+                all_c.append(rc_log)
+                all_r.append(rr_log)
+        utils.maybe_fault("after_step")
+
+        # -------------------------------------------------------- per-step log (one host sync)
+        rc_log, rr_log = torch.cat(all_c).float(), torch.cat(all_r).float()
+        loss_v = torch.stack(losses).mean()
+        bt_v = torch.stack(bts).mean()
+        if args.bsr_scope == "micro" and world > 1:
+            lv = torch.stack([loss_v, bt_v])
+            torch.distributed.all_reduce(lv)
+            loss_v, bt_v = lv / world
+        rewards_all = torch.cat([rc_log, rr_log])
+        stats = torch.stack([loss_v, bt_v, (rc_log > rr_log).float().mean(), rewards_all.mean(), rewards_all.std(),
+                             (rc_log - rr_log).mean()]).tolist()
+        dt = time.time() - t0
+        n_tokens = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
+        row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
+               "train/loss": stats[0], "train/loss_bt": stats[1], "train/loss_reg": stats[0] - stats[1],
+               "train/accuracy": stats[2], "train/reward_mean": stats[3], "train/reward_std": stats[4],
+               "train/margin_mean": stats[5], "train/lr": lr_now, "train/pairs_per_s": len(batch) / dt, "train/tokens_per_s": n_tokens / dt}
+        log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[2]:.3f}")
+
+        # -------------------------------------------------------- epoch end / periodic checkpoints
+        if in_epoch + 1 == steps_per_epoch:
+            print0(f"\n[epoch {epoch + 1}] {epoch_diagnostics(epoch + 1)}")
+            save_epoch_checkpoint(epoch + 1)
+            save_resume_state(step + 1)
+        elif args.save_steps and (step + 1) % args.save_steps == 0:
+            save_resume_state(step + 1)
+    bar.close()
+
+    # ---------------------------------------------------------------- final checkpoint = last epoch
+    utils.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
+    torch.distributed.barrier()
+    print0(f"[done] reward model in {args.out} (AutoModelForSequenceClassification.from_pretrained('{args.out}'))")
+    skipped_total = sum(skipped.values()) + sum(eval_skipped.values())
+    if skipped_total:
+        print0(f"[data] skipped rows: train {skipped}, eval {eval_skipped} (also in train_config.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""What several stages share, and nothing more.
+
+- distributed init that works under `deepspeed`, `torchrun` and plain `python` (a world of one)
+- print on rank 0
+- reading JSONL / hub rows with errors that name file, line and field
+- THE function that turns (prompt, response) into model input ids (train, eval and RLOO all use it)
+- the reward forward pass, returning r(x, y) and the hidden state h(x, y) the head reads
+- DeepSpeed config filling, atomic writes and HF checkpoint export
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+
+import torch
+import torch.nn as nn
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Start torch.distributed through DeepSpeed; returns (rank, world_size, local_rank, device).
+
+    Under `deepspeed` or `torchrun` the launcher sets RANK/WORLD_SIZE/MASTER_*; under plain `python`
+    we set a world of one ourselves (DeepSpeed would otherwise try MPI discovery). NCCL on GPU, gloo on CPU.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device
+
+
+def quiet_libraries():
+    """Keep the console to our own progress bars and messages."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*|.*all_gather_into_tensor.*")
+    hf_logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def is_rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def all_gather_cat(t):
+    """Concatenate a tensor from every rank along dim 0, keeping autograd.
+
+    The backward of torch.distributed.nn's all_gather SUMS the incoming gradients over ranks, so a loss
+    computed identically on every rank from the gathered tensor, followed by DeepSpeed's gradient
+    averaging over ranks, yields exactly the gradient of that loss on the concatenated batch.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(t.contiguous()), dim=0)
+
+
+def gather_objects(obj):
+    """Every rank's python object, as a list on every rank (rank order)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data reading: errors name the file, the line and the field
+# ---------------------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the source, the row (line) and the field."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, dict) for each non-blank line; a line that is not a JSON object is an error."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def write_jsonl(path, rows):
+    """Write rows atomically (temp file + rename): a crash never leaves a half-written file."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def iter_rows(source, split="train"):
+    """Rows of a local JSONL file or of a hub dataset id, as (where, dict); `where` reads 'file:line'."""
+    if source.endswith(".jsonl") or os.path.isfile(source):
+        for lineno, row in read_jsonl(source):
+            yield f"{source}:{lineno}", row
+    else:  # a hub dataset id (or a local dataset folder): the real `load_dataset` path
+        from datasets import load_dataset
+
+        ds = load_dataset(source, split=split)
+        for i, row in enumerate(ds):
+            yield f"{source}[{split}] row {i}", row
+
+
+def as_messages(value, role, where, field):
+    """A prompt/response given as a string or as a chat message list -> a validated message list."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        msgs = []
+        for j, m in enumerate(value):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: field '{field}'[{j}] must be a message {{'role': str, 'content': str}}")
+            msgs.append({"role": m["role"], "content": m["content"]})
+        return msgs
+    raise DataError(f"{where}: field '{field}' must be a string or a non-empty list of chat messages, "
+                    f"got {type(value).__name__}{' (empty)' if isinstance(value, list) else ''}")
+
+
+def parse_pair(row, where):
+    """One preference row -> (prompt_messages, chosen_messages, rejected_messages), or a skip reason.
+
+    Accepts {prompt, chosen, rejected} with strings or message lists, and {chosen, rejected} full
+    conversations without a prompt (Skywork-Reward-Preference-80K format: the shared leading messages
+    are the prompt). Structural problems raise DataError; empty responses and chosen == rejected return
+    ('skip', reason) so the caller can count them.
+    """
+    for field in ("chosen", "rejected"):
+        if field not in row:
+            raise DataError(f"{where}: missing field '{field}'")
+    chosen = as_messages(row["chosen"], "assistant", where, "chosen")
+    rejected = as_messages(row["rejected"], "assistant", where, "rejected")
+    if row.get("prompt") is not None:
+        prompt = as_messages(row["prompt"], "user", where, "prompt")
+        for msgs in (chosen, rejected):  # conversational rows may repeat the prompt inside chosen/rejected
+            if msgs[: len(prompt)] == prompt and len(msgs) > len(prompt):
+                del msgs[: len(prompt)]
+    else:  # full conversations: the common prefix is the prompt
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
+        return "skip", "empty response"
+    if chosen == rejected:
+        return "skip", "chosen == rejected"
+    return prompt, chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenization: ONE function turns (prompt, response) into model input, for every stage
+# ---------------------------------------------------------------------------------------------------
+
+# Used only for a decoder tokenizer that ships no chat template; it is saved with every checkpoint.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def load_tokenizer(name_or_path):
+    """AutoTokenizer with a pad token and a chat template guaranteed (hub id or local path).
+
+    No pad token -> pad = eos (the usual choice; see encode_prompt_response for why that is safe here).
+    A decoder tokenizer without a chat template gets DEFAULT_CHAT_TEMPLATE; an encoder (has [CLS]/[SEP])
+    keeps none and is fed '[CLS] prompt [SEP] response [SEP]'.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template and not is_encoder_tokenizer(tok):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def is_encoder_tokenizer(tok):
+    return not tok.chat_template and tok.cls_token_id is not None and tok.sep_token_id is not None
+
+
+def _messages_text(msgs):
+    return "\n\n".join(m["content"] for m in msgs)
+
+
+def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncate=False):
+    """(prompt, response) -> list of token ids, the exact model input of train_rm, eval_rm and rloo.
+
+    prompt: str, message list, or None/[] (no prompt); response: str or message list (assistant turns).
+    Decoders: the tokenizer's chat template, rendered then tokenized without extra special tokens.
+    Encoders (BERT-style, no template): [CLS] prompt [SEP] response [SEP] as one segment.
+
+    Trailing pad ids are dropped: HF's sequence-classification head reads the rightmost token that is
+    not pad, so when pad == eos (Llama-3 style, or a tokenizer that had no pad) a trailing eos is never
+    read. Dropping it makes "last real token" and "what HF reads" the same position, so rewards agree
+    between our trainer, eval, RLOO and a plain `AutoModelForSequenceClassification` reload.
+
+    Longer than max_length: returns None, or with truncate=True keeps the first token when it is a
+    special token (BOS / [CLS], which the head may read) plus the LAST max_length-1 tokens, so the end
+    of the response (where the reward is read) survives.
+    """
+    prompt_msgs = [] if prompt is None else as_messages(prompt, "user", "encode", "prompt") if prompt else []
+    response_msgs = as_messages(response, "assistant", "encode", "response")
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif is_encoder_tokenizer(tokenizer):
+        ids = tokenizer(_messages_text(prompt_msgs), _messages_text(response_msgs))["input_ids"]
+    else:
+        raise ValueError("tokenizer has no chat template; load it with utils.load_tokenizer")
+    pad = tokenizer.pad_token_id
+    while len(ids) > 1 and ids[-1] == pad:
+        ids = ids[:-1]
+    if max_length is not None and len(ids) > max_length:
+        if not truncate:
+            return None
+        special_first = ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) and ids[0] is not None
+        ids = ids[:1] + ids[-(max_length - 1):] if special_first else ids[-max_length:]
+    return ids
+
+
+def pad_batch(seqs, pad_id, device=None):
+    """Right-pad token id lists -> (input_ids, attention_mask) long tensors."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+    if device is not None:
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reward model: r(x, y) = Wp^T h(x, y), read where the architecture's own head reads it
+# ---------------------------------------------------------------------------------------------------
+
+
+def reward_head(model):
+    """The Linear(H, 1) projection Wp of an AutoModelForSequenceClassification."""
+    for name in ("score", "classifier"):  # decoders (Llama, Qwen2, Mistral, Gemma, ...) / BERT-style
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear) and head.out_features == 1:
+            return head
+    raise ValueError(f"{type(model).__name__}: no Linear(H, 1) reward head named 'score' or 'classifier' "
+                     "(supported: decoder LMs with a 'score' head, BERT-style encoders with a pooler)")
+
+
+class RewardModel(nn.Module):
+    """Wraps an AutoModelForSequenceClassification(num_labels=1); forward returns (rewards, hidden).
+
+    hidden is h(x, y), the exact vector the head multiplies: for decoders the last layer's state at the
+    last real token (right padding); for BERT-style encoders the pooler output ([CLS] path). Dropout is
+    off (see load_reward_model), so rewards equal a plain HF forward of the same model.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # the only submodule: state-dict keys are "model." + the HF keys
+        reward_head(model)
+
+    def forward(self, input_ids, attention_mask):
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if getattr(out, "pooler_output", None) is not None:
+            hidden = out.pooler_output
+        else:
+            last = attention_mask.sum(dim=1) - 1
+            hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        rewards = reward_head(self.model)(hidden).squeeze(-1)
+        return rewards, hidden
+
+
+def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_implementation=None):
+    """AutoModelForSequenceClassification(num_labels=1) with dropout off and pad_token_id set.
+
+    Works for a causal-LM checkpoint (the head is then new) and for a trained reward model. Under an
+    active HfDeepSpeedConfig (ZeRO-3) the parameters are partitioned while loading.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+    for key, value in list(config.to_dict().items()):  # RM training and scoring are deterministic
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    vocab = config.get_text_config().vocab_size
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
+        raise ValueError(f"{name_or_path}: the tokenizer's pad token {tokenizer.pad_token!r} (id "
+                         f"{tokenizer.pad_token_id}) is not in the model's vocabulary of {vocab}; give the "
+                         "tokenizer a pad token the model knows (e.g. its eos token)")
+    config.pad_token_id = tokenizer.pad_token_id
+    config.use_cache = False
+    kwargs = {"config": config, "dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized: score.weight" report is expected
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    reward_head(model)  # fail early on an unsupported architecture
+    return model
+
+
+def init_reward_head(model, seed):
+    """Wp ~ N(0, 1/(H+1)) (paper Sec. 2.1), bias zeroed and frozen; works with ZeRO-3 partitioned params."""
+    import deepspeed
+
+    head = reward_head(model)
+    params = [head.weight] + ([head.bias] if head.bias is not None else [])
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gen = torch.Generator().manual_seed(seed)
+        std = 1.0 / math.sqrt(head.in_features + 1)
+        w = torch.randn(head.weight.shape, generator=gen, dtype=torch.float32) * std
+        with torch.no_grad():
+            head.weight.copy_(w.to(head.weight.dtype))
+            if head.bias is not None:  # the paper's head is bias-free; a bias would absorb the BSR centring
+                head.bias.zero_()
+    if head.bias is not None:
+        head.bias.requires_grad_(False)
+
+
+def head_weight_norm(model):
+    """||Wp|| (gathers the partitioned weight under ZeRO-3)."""
+    import deepspeed
+
+    head = reward_head(model)
+    with deepspeed.zero.GatheredParameters([head.weight]):
+        return head.weight.detach().float().norm().item()
+
+
+@torch.no_grad()
+def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
+    """Rewards and hidden states for token-id lists, sharded over ranks, gathered on every rank.
+
+    model_fn(input_ids, attention_mask) -> (rewards, hidden). Sequences are scored in length order to cut
+    padding (results come back in the input order). Every rank runs the same number of forwards, which
+    ZeRO-3 needs (parameters are gathered collectively).
+    """
+    from tqdm import tqdm
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    per_rank = math.ceil(len(order) / world) if order else 0
+    mine = order[rank * per_rank: (rank + 1) * per_rank]
+    n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
+    rewards, hiddens = [], []
+    bar = tqdm(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
+    for b in bar:
+        idx = mine[b * batch_size: (b + 1) * batch_size] or order[:1]  # a dummy forward keeps ranks in step
+        input_ids, attention_mask = pad_batch([seqs[i] for i in idx], pad_id, device)
+        r, h = model_fn(input_ids, attention_mask)
+        if b * batch_size < len(mine):
+            rewards.append(r.float().cpu())
+            hiddens.append(h.float().cpu())
+    r_local = torch.cat(rewards) if rewards else torch.zeros(0)
+    h_local = torch.cat(hiddens) if hiddens else torch.zeros(0, 0)
+    parts = gather_objects((mine, r_local, h_local))
+    dim = max(p[2].shape[1] for p in parts) if parts else 0
+    all_r = torch.zeros(len(seqs))
+    all_h = torch.zeros(len(seqs), dim)
+    for idx, r, h in parts:
+        if idx:
+            all_r[idx] = r
+            all_h[idx] = h
+    return all_r, all_h
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed config, atomic writes, checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+def fill_ds_config(path, values):
+    """Load a DeepSpeed JSON config and replace every "auto" with values[dotted.key] (or values[key]).
+
+    A value the file sets explicitly must agree with the script's flag, else it is an error: the flags
+    and the config never silently disagree.
+    """
+    with open(path) as f:
+        cfg = json.load(f)
+
+    def fill(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                fill(v, key + ".")
+            elif key in values:
+                if v == "auto":
+                    node[k] = values[key]
+                elif v != values[key]:
+                    raise ValueError(f"{path}: '{key}' is {v!r} but the flags give {values[key]!r}; "
+                                     "set it to \"auto\" or change the flag")
+            elif v == "auto":
+                raise ValueError(f"{path}: no value for \"auto\" key '{key}'")
+
+    fill(cfg, "")
+    return cfg
+
+
+class atomic_path:
+    """`with atomic_path(final) as tmp:` write to tmp (file or directory); on success tmp replaces final.
+
+    For a directory, an existing final is moved aside first and deleted after, so at every instant one
+    complete copy exists under `final` or `final.old`. A crash inside the block leaves `final` untouched.
+    """
+
+    def __init__(self, final):
+        self.final = os.path.abspath(final)
+        self.tmp = f"{self.final}.tmp-{os.getpid()}"
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.final), exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            if os.path.isdir(self.tmp):
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            elif os.path.exists(self.tmp):
+                os.remove(self.tmp)
+            return False
+        if os.path.isdir(self.tmp):
+            old = self.final + ".old"
+            if os.path.isdir(self.final):
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        return False
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+
+def consolidated_state_dict(engine):
+    """Full state dict of a DeepSpeed engine's module on rank 0 (None elsewhere); all ranks must call."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if is_rank0() else None
+
+
+def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None, prefix="model."):
+    """Rank 0: write an HF checkpoint (safetensors, config, tokenizer, extra json files) atomically.
+
+    state_dict: keys of the wrapping module (prefix stripped here), e.g. from consolidated_state_dict.
+    """
+    if not is_rank0():
+        return
+    sd = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
+          for k, v in state_dict.items()}
+    with atomic_path(out_dir) as tmp:
+        hf_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            write_json(os.path.join(tmp, name), obj)
+        maybe_fault("in_save")
+
+
+def publish_checkpoint(src_dir, dst_dir):
+    """Copy a finished checkpoint's files into dst_dir (e.g. the run folder), each one atomically."""
+    if not is_rank0():
+        return
+    for name in os.listdir(src_dir):
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            with atomic_path(os.path.join(dst_dir, name)) as tmp:
+                shutil.copyfile(src, tmp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fault injection for the crash/resume tests (no effect unless BSR_FAULT is set)
+# ---------------------------------------------------------------------------------------------------
+
+_fault_step = {"step": None}
+
+
+def set_fault_step(step):
+    _fault_step["step"] = step
+
+
+def fault_here(point):
+    """True when BSR_FAULT='<point>@<step>' names this point and the current step."""
+    name, _, step = os.environ.get("BSR_FAULT", "").partition("@")
+    return name == point and step.isdigit() and int(step) == _fault_step["step"]
+
+
+def maybe_fault(point):
+    """Under BSR_FAULT='<point>@<step>', kill this process with SIGKILL there: a real, abrupt crash."""
+    if fault_here(point):
+        os.kill(os.getpid(), signal.SIGKILL)
