@@ -101,6 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed for head init and data order")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
+    p.add_argument("--max-tokens-per-forward", type=int, default=0,
+                   help="split a micro-batch's length-sorted sequences into forwards of at most this many "
+                        "(padded) tokens; rewards are joined before the loss, so the result is unchanged (0 = one "
+                        "forward per micro-batch)")
+    p.add_argument("--padding-free", action="store_true",
+                   help="pack each forward's sequences into one row (decoders; pays off with flash_attention_2)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--head-init", choices=("paper", "keep"), default="paper",
@@ -142,6 +148,27 @@ def load_pairs(source, split, tokenizer, max_length, truncate, max_pairs=None):
         if max_pairs and len(pairs) >= max_pairs:
             break
     return pairs, skipped
+
+
+def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
+    """Split sequence positions (longest first) into forwards of at most max_tokens tokens each.
+
+    Greedy over the length-sorted sequences; a sequence is never split. Cost is padded width x count, or real
+    tokens when padding_free. n_chunks forces the count (ranks must agree): the costliest chunk is halved until
+    there are that many. Returns lists of positions into `lengths`.
+    """
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    cost = (lambda c: sum(lengths[j] for j in c)) if padding_free else (lambda c: lengths[c[0]] * len(c))
+    chunks = [[]]
+    for j in order:
+        if max_tokens and chunks[-1] and cost(chunks[-1] + [j]) > max_tokens:
+            chunks.append([])
+        chunks[-1].append(j)
+    while n_chunks and len(chunks) < n_chunks:
+        k = max((k for k in range(len(chunks)) if len(chunks[k]) > 1), key=lambda k: cost(chunks[k]))
+        half = len(chunks[k]) // 2
+        chunks[k: k + 1] = [chunks[k][:half], chunks[k][half:]]
+    return chunks
 
 
 def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
@@ -353,6 +380,7 @@ def main(argv=None):
     engine.train()
     per_rank = args.micro_batch_size
     exact_prepass = args.loss == "bsr" and args.bsr_scope == "global" and grad_accum > 1
+    seq_len = [(len(c), len(r)) for c, r in pairs]
     bar = tqdm(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
@@ -361,19 +389,37 @@ def main(argv=None):
             batches, batches_epoch = epoch_batches(len(pairs), args.global_batch_size, epoch, args.seed, pair_len), epoch
         batch = batches[in_epoch]
         micro = [[batch[g * per_step_pairs + rank * per_rank + i] for i in range(per_rank)] for g in range(grad_accum)]
+        # every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively), so the chunk
+        # count is planned from the whole global batch, which every rank knows
+        n_chunks = max(len(forward_chunks([seq_len[i][0] for i in batch[k: k + per_rank]] +
+                                          [seq_len[i][1] for i in batch[k: k + per_rank]],
+                                          args.max_tokens_per_forward, args.padding_free))
+                       for k in range(0, len(batch), per_rank))
         t0 = time.time()
         lr_now = scheduler.get_last_lr()[0]
         utils.set_fault_step(step + 1)
 
         def micro_forward(idx):
-            seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]  # chosen and rejected, one forward
-            rewards, _ = forward(*utils.pad_batch(seqs, tokenizer.pad_token_id, device))
+            """Rewards (chosen, rejected) of these pairs; chosen and rejected share the forward(s)."""
+            seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+            parts = forward_chunks([len(q) for q in seqs], args.max_tokens_per_forward, args.padding_free, n_chunks)
+            order = [j for part in parts for j in part]
+            outs = []
+            for part in parts:
+                chunk = [seqs[j] for j in part]
+                if args.padding_free:
+                    input_ids, position_ids = utils.pack_batch(chunk, device)
+                    outs.append(engine(input_ids, None, position_ids)[0])
+                else:
+                    outs.append(forward(*utils.pad_batch(chunk, tokenizer.pad_token_id, device))[0])
+            rewards = torch.cat(outs)[torch.argsort(torch.tensor(order, device=device))]  # back to seqs order
             return rewards[: len(idx)], rewards[len(idx):]
 
         if exact_prepass:  # every reward of the global batch, to centre over all of B (no grad, same weights)
             with torch.no_grad():
                 pre = [tuple(utils.all_gather_cat(r) for r in micro_forward(idx)) for idx in micro]
         losses, bts, all_c, all_r = [], [], [], []
+        finite = torch.ones((), device=device)
         for g, idx in enumerate(micro):
             rc, rr = micro_forward(idx)
             if args.bsr_scope == "micro":  # official code: per device, lam scaled by the per-device batch
@@ -390,13 +436,14 @@ def main(argv=None):
                 rc_log, rr_log = rc_all.detach(), rr_all.detach()
             if utils.fault_here("nan"):
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).float()
-            if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() == 0:
-                print0(f"[error] non-finite loss at step {step} (epoch {epoch}); stopping. The last good "
-                       f"checkpoint is in {resume_dir} (use --resume after fixing lr/data).")
-                raise SystemExit(1)
+            finite = finite * torch.isfinite(loss.detach())
+            if g == grad_accum - 1:  # one host sync per step, before the update is applied
+                if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if finite.item() == 0:
+                    print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping. The last "
+                           f"good checkpoint is in {resume_dir} (use --resume after fixing lr/data).")
+                    raise SystemExit(1)
             engine.backward(loss * scale)
             engine.step()
             losses.append(loss.detach())
@@ -404,7 +451,6 @@ def main(argv=None):
             if not (exact_prepass and g > 0):
                 all_c.append(rc_log)
                 all_r.append(rr_log)
-        utils.maybe_fault("after_step")
 
         # -------------------------------------------------------- per-step log (one host sync)
         rc_log, rr_log = torch.cat(all_c).float(), torch.cat(all_r).float()
@@ -424,6 +470,7 @@ def main(argv=None):
                "train/accuracy": stats[2], "train/reward_mean": stats[3], "train/reward_std": stats[4],
                "train/margin_mean": stats[5], "train/lr": lr_now, "train/pairs_per_s": len(batch) / dt, "train/tokens_per_s": n_tokens / dt}
         log(row)
+        utils.maybe_fault("after_step")
         bar.update(1)
         bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[2]:.3f}")
 

@@ -264,6 +264,19 @@ def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncat
     return ids
 
 
+def pack_batch(seqs, device=None):
+    """Padding-free: token id lists -> one row (input_ids [1, N], position_ids [1, N]), positions restart at 0.
+
+    transformers turns restarting position_ids into per-sequence attention (varlen kernels with
+    flash_attention_2, a block-diagonal mask with sdpa/eager), so no token attends across sequences.
+    """
+    input_ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
+    position_ids = torch.tensor([[p for s in seqs for p in range(len(s))]], dtype=torch.long)
+    if device is not None:
+        input_ids, position_ids = input_ids.to(device), position_ids.to(device)
+    return input_ids, position_ids
+
+
 def pad_batch(seqs, pad_id, device=None):
     """Right-pad token id lists -> (input_ids, attention_mask) long tensors."""
     width = max(len(s) for s in seqs)
@@ -305,14 +318,23 @@ class RewardModel(nn.Module):
         self.model = model  # the only submodule: state-dict keys are "model." + the HF keys
         reward_head(model)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Padded batch: (input_ids, attention_mask). Packed batch (pack_batch): (input_ids, None, position_ids)."""
         backbone = getattr(self.model, self.model.base_model_prefix)
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
-        if getattr(out, "pooler_output", None) is not None:
-            hidden = out.pooler_output
+        if attention_mask is None:  # packed: one row, a sequence ends where the next position restarts at 0
+            out = backbone(input_ids=input_ids, position_ids=position_ids)
+            if getattr(out, "pooler_output", None) is not None:
+                raise ValueError("padding-free batches need a decoder; encoders read [CLS] of each row")
+            pos = position_ids[0]
+            ends = torch.nonzero(torch.cat([pos[1:] == 0, pos.new_ones(1, dtype=torch.bool)])).squeeze(-1)
+            hidden = out.last_hidden_state[0, ends]
         else:
-            last = attention_mask.sum(dim=1) - 1
-            hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+            if getattr(out, "pooler_output", None) is not None:
+                hidden = out.pooler_output
+            else:
+                last = attention_mask.sum(dim=1) - 1
+                hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
         rewards = reward_head(self.model)(hidden).squeeze(-1)
         return rewards, hidden
 

