@@ -294,37 +294,31 @@ def make_plots(out, rows, title):
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     train = [r for r in rows if "train/kl" in r]
     gold = [r for r in rows if "gold/reward" in r]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([r["train/kl"] for r in train], [r["train/proxy_reward"] for r in train], lw=0.8, color="0.6", zorder=1)
-    sc = ax.scatter([r["train/kl"] for r in train], [r["train/proxy_reward"] for r in train],
-                    c=[r["step"] for r in train], cmap="viridis", s=14)
-    fig.colorbar(sc, ax=ax, label="step")
-    ax.set(xlabel="KL(pi || pi_ref) per sequence", ylabel="proxy reward r(x, y)", title=f"Reward vs KL: {title}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", "reward_vs_kl.png"), dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    if gold:
-        steps = [r["step"] for r in gold]
-        mean = [r["gold/reward"] for r in gold]
-        sem = [r["gold/reward_sem"] for r in gold]
-        ax.errorbar(steps, mean, yerr=sem, marker="o", capsize=3)
-    ax.set(xlabel="step", ylabel="gold reward r* (held-out prompts)", title=f"Gold reward: {title}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", "gold_vs_step.png"), dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot([r["step"] for r in train], [r["train/response_length"] for r in train], label="training samples")
-    if gold:
-        ax.plot([r["step"] for r in gold], [r["gold/response_length"] for r in gold], "o-", label="held-out prompts")
-    ax.set(xlabel="step", ylabel="response length (tokens)", title=f"Length: {title}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "plots", "length_vs_step.png"), dpi=120)
-    plt.close(fig)
+
+    def col(rs, key):
+        return [r[key] for r in rs]
+
+    for name, xlabel, ylabel in (("reward_vs_kl", "KL(pi || pi_ref) per sequence", "proxy reward r(x, y)"),
+                                 ("gold_vs_step", "step", "gold reward r* (held-out prompts)"),
+                                 ("length_vs_step", "step", "response length (tokens)")):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        if name == "reward_vs_kl":  # Figure 5a-b: the trajectory, coloured by step
+            ax.plot(col(train, "train/kl"), col(train, "train/proxy_reward"), lw=0.8, color="0.6", zorder=1)
+            sc = ax.scatter(col(train, "train/kl"), col(train, "train/proxy_reward"), c=col(train, "step"), s=14)
+            fig.colorbar(sc, ax=ax, label="step")
+        elif name == "gold_vs_step" and gold:  # Figure 5c-d
+            ax.errorbar(col(gold, "step"), col(gold, "gold/reward"), yerr=col(gold, "gold/reward_sem"), marker="o",
+                        capsize=3)
+        elif name == "length_vs_step":
+            ax.plot(col(train, "step"), col(train, "train/response_length"), label="training samples")
+            if gold:
+                ax.plot(col(gold, "step"), col(gold, "gold/response_length"), "o-", label="held-out prompts")
+            ax.legend()
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(' (')[0]}: {title}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "plots", f"{name}.png"), dpi=120)
+        plt.close(fig)
 
 
 def write_summary(out, rows, args, total_steps):

@@ -333,8 +333,10 @@ def main(argv=None):
 
     def save_epoch_checkpoint(epoch, row):
         ckpt = os.path.join(args.out, f"epoch-{epoch}")
+        model.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
         utils.save_hf_checkpoint(model, utils.consolidated_state_dict(engine), tokenizer, ckpt,
                                  {"sft_config.json": run_config, "epoch_metrics.json": row}, prefix="")
+        model.config.use_cache = False
         torch.distributed.barrier()
 
     # ---------------------------------------------------------------- training loop

@@ -157,3 +157,22 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tiny_llama):
         bad.write_text(good + "\n" + json.dumps(row) + "\n")
         with pytest.raises(utils.DataError, match=rf"{bad}:2: .*{message}".replace("[", r"\[").replace("]", r"\]")):
             sft.load_conversations(str(bad), "train", tok, 2048, False, False)
+
+
+def test_killed_sft_run_resumes_to_the_same_end(sft_run, tmp_path):
+    from safetensors.torch import load_file
+
+    base, data, out, _ = sft_run
+    args = ["sft.py", "--model", base, "--train-file", data, "--eval-file", data, "--out", str(tmp_path / "o"),
+            "--global-batch-size", "16", "--micro-batch-size", "4", "--lr", "3e-3", "--epochs", "2", "--save-steps", "0"]
+    killed = run_script(args, env={"BSR_FAULT": "after_step@5"}, check=False)
+    assert killed.returncode == -9  # killed in step 5; the last state is the end of epoch 1 (step 3)
+    assert "[resume] at step 3/6" in run_script(args + ["--resume"]).stdout
+    full, resumed = read_metrics(out), read_metrics(str(tmp_path / "o"))
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    for a, b in zip(full, resumed):
+        for key in ("train/loss", "train/lr", "train/tokens", "eval/loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    wa, wb = load_file(os.path.join(out, "model.safetensors")), load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
