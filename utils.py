@@ -566,3 +566,81 @@ def maybe_fault(point):
     """Under BSR_FAULT='<point>@<step>', kill this process with SIGKILL there: a real, abrupt crash."""
     if fault_here(point):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- added by policy (sft.py, rloo.py) ---
+
+
+def save_train_state(engine, resume_dir, step):
+    """DeepSpeed shards + optimizer + scheduler + RNG under resume_dir/step-N, visible only when complete.
+
+    The same protocol as train_rm.py's resume state (tmp folder, rename, 'latest' pointer, older states
+    removed); all ranks must call.
+    """
+    name = f"step-{step:08d}"
+    tmp = os.path.join(resume_dir, f".tmp-{name}")
+    rank = torch.distributed.get_rank()
+    if is_rank0():
+        os.makedirs(resume_dir, exist_ok=True)
+    torch.distributed.barrier()
+    engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    torch.distributed.barrier()
+    if is_rank0():
+        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
+        maybe_fault("in_resume_save")
+        os.replace(tmp, os.path.join(resume_dir, name))
+        with atomic_path(os.path.join(resume_dir, "latest")) as t:
+            with open(t, "w") as f:
+                f.write(name)
+        for old in os.listdir(resume_dir):  # keep only the newest state
+            if old.startswith("step-") and old != name:
+                shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def load_train_state(engine, resume_dir, metrics_path=None):
+    """Restore the state save_train_state wrote last; returns its step. Metrics rows after it are dropped."""
+    with open(os.path.join(resume_dir, "latest")) as f:
+        state_dir = os.path.join(resume_dir, f.read().strip())
+    engine.load_checkpoint(state_dir, tag="ds")
+    with open(os.path.join(state_dir, "trainer_state.json")) as f:
+        step = json.load(f)["step"]
+    rng = torch.load(os.path.join(state_dir, f"rng_rank{torch.distributed.get_rank()}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    if metrics_path and is_rank0() and os.path.exists(metrics_path):  # rows logged after the state are redone
+        with open(metrics_path) as f:
+            kept = [r for r in map(json.loads, f) if r["step"] <= step]
+        write_jsonl(metrics_path, kept)
+    torch.distributed.barrier()
+    return step
+
+
+def render_chat(tokenizer, messages, add_generation_prompt):
+    """The chat template's text for messages ("" for an empty conversation without generation prompt)."""
+    if not messages and not add_generation_prompt:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception:  # some templates cannot render an empty prefix
+        if messages:
+            raise
+        return ""
+
+
+def turn_end_ids(tokenizer):
+    """[id] of the first special token the chat template puts after an assistant message's content
+    (<|im_end|>, <|eot_id|>, eos, ...), or [] when it puts none: the policy's stop token besides eos."""
+    probe = "Zq"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    before = render_chat(tokenizer, msgs[:1], True)
+    after = render_chat(tokenizer, msgs, False)
+    tail = after[len(before):]
+    tail = tail[tail.index(probe) + len(probe):] if probe in tail else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
+    return ids[:1]  # the first special token after the content ends the turn

@@ -1,0 +1,694 @@
+"""RLOO of an SFT policy against a trained reward model, tracking a gold reward r* on held-out prompts.
+
+Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (ICML 2025), Sec. 3.2/5.2,
+Table 4 (lr 2e-6 for Sec. 3.2 / 1e-6 for Sec. 3.3, beta 0.05, k = 2, global batch 128, linear decay,
+warmup 0.03, 5 epochs), Figure 5 (proxy reward vs KL, gold reward vs step), Table 3 (length and quality of
+the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
+
+    # one process, CPU or one GPU (toy world: gold reward computed by make_data.gold_reward)
+    python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm_bsr --prompts runs/toy/data/rl_prompts.jsonl \
+        --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo_bsr \
+        --global-batch-size 16 --micro-batch-size 8 --lr 1e-4 --epochs 1 --max-new-tokens 24
+    # one node, 8 GPUs, paper Sec. 3.2 (gold r* = ArmoRM; its remote code needs --trust-remote-code)
+    deepspeed --num_gpus 8 rloo.py --policy runs/sft_qwen1.5b --reward-model runs/rm_bsr_qwen3b \
+        --prompts data/rl_prompts.jsonl --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code \
+        --gold-prompts data/rl_eval_prompts.jsonl --out runs/rloo_bsr --lr 2e-6 --micro-batch-size 8 \
+        --max-new-tokens 1024 --gradient-checkpointing [--vllm]
+    # continue after a crash or kill
+    python rloo.py ...same flags... --resume
+
+The algorithm (one optimizer step per batch of B = --global-batch-size completions, B/k prompts):
+  1. sample k responses y_1..y_k per prompt x from pi (temperature --temperature, top-p --top-p, no top-k)
+  2. score each with the proxy RM: s_i = r(x, y_i). The response is decoded to text and re-encoded with
+     the RM's own tokenizer and chat template by utils.encode_prompt_response (the input train_rm.py
+     trained on). Batched RM scoring gives the rewards of batch size 1 (the paper's choice): right
+     padding, the head reads the last real token (tested).
+     Truncation rule: a response that reaches --max-new-tokens without a stop token (eos or the chat
+     template's end-of-turn token) gets s_i - --missing-eos-penalty (TRL's missing_eos_penalty).
+  3. KL, PER SEQUENCE: kl_i = sum_t [log pi(y_i,t | .) - log pi_ref(y_i,t | .)] over the sampled tokens
+     (the k1 estimate of KL(pi || pi_ref) for this response), and R_i = s_i - beta * kl_i. The KL enters
+     the sequence reward, not a per-token reward, because RLOO treats the whole response as one action:
+     the reward arrives once, and the leave-one-out baseline is a per-sequence baseline, so a per-token
+     KL reward would need per-token returns/values that RLOO does not have; summed over the sequence it
+     is exactly the KL term of eq. 15 for that sample. This is also TRL's RLOOTrainer default, which
+     the paper used. Log-probs (and so the KL) are those of the sampling distribution softmax(logits/T).
+  4. advantage A_i = R_i - mean_{j != i} R_j (the other k-1 samples of the same prompt)
+  5. loss = -mean_i A_i * sum_t log pi(y_i,t | .)  (REINFORCE with the leave-one-out baseline; one
+     gradient step per batch, so the PPO ratio of TRL's implementation is 1 and clipping never acts).
+Epoch = every prompt once (k samples each): steps/epoch = prompts // (B/k). (TRL's RLOOTrainer counts
+an "episode" per prompt but B in completions, so its "5 epochs" cover 2.5 passes; here an epoch is a pass.)
+
+Generation: transformers generate() with a KV cache; under ZeRO-3 the policy's parameters are gathered
+once per generation phase (deepspeed unwrap_model_for_generation: GatheredParameters and the ZeRO hooks
+lifted) rather than generating with partitioned weights. --vllm: a vLLM engine per rank, colocated on
+the rank's GPU (written against vLLM 0.10.1: LLM(distributed_executor_backend="external_launcher"),
+weights pushed after every optimizer step through
+llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights). Same sampling
+settings either way (temperature, top-p, no top-k, no repetition penalty, same stop tokens). vLLM
+sampling is not reproducible across --resume; transformers sampling is (seeded per step and rank).
+
+Gold r*: --gold synthetic (make_data.gold_reward(prompt, response), the toy world's r*) or --gold-model
+PATH (any AutoModelForSequenceClassification; its output .score when present (ArmoRM), else logits[:, 0];
+scored with its own tokenizer/template). At step 0 (the SFT policy), every --gold-every steps and at the
+end, one sample per --gold-prompts prompt (held out, same sampling settings, fixed seed) is scored.
+
+--out receives: the final policy (HF causal LM + tokenizer: AutoModelForCausalLM.from_pretrained(out)),
+rloo_config.json, metrics.jsonl (per step: 'train/proxy_reward', 'train/kl', 'train/response_length',
+'train/entropy', 'train/advantage_mean|std', 'time/generation|scoring|training', ...; per gold
+evaluation: 'gold/reward', 'gold/response_length', ...), gold_samples.jsonl (every scored held-out
+sample), plots/reward_vs_kl.png (Fig. 5a-b), plots/gold_vs_step.png (Fig. 5c-d),
+plots/length_vs_step.png, summary.json + summary.md (Table 3 layout), resume/ (for --resume).
+Bad prompt rows: an error naming file:line and field; empty or over-long prompts are skipped and counted.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import utils
+
+# ===================================================================================================
+# ALGORITHM CORE: log-probs, KL, leave-one-out advantages, the loss (torch only)
+# ===================================================================================================
+
+
+def rloo_advantages(rewards, k):
+    """rewards (n*k,), the k samples of each prompt adjacent -> A_i = R_i - mean of the other k-1 R_j."""
+    r = rewards.view(-1, k)
+    baseline = (r.sum(dim=1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).reshape(-1)
+
+
+def response_logprobs(model_fn, prompts, responses, pad_id, temperature, device, with_entropy=False):
+    """Per-token log pi(y_t | x, y_<t) under softmax(logits / T) for a batch of (prompt, response) id lists.
+
+    Layout [left-padded prompt | right-padded response] with position ids from the attention mask, so the
+    response columns line up and only they go through the softmax. Returns (logp, mask, entropy or None),
+    each (batch, max response length); mask marks real response tokens.
+    """
+    P, R = max(len(p) for p in prompts), max(len(r) for r in responses)
+    ids = torch.full((len(prompts), P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, P - len(p): P] = torch.tensor(p)
+        ids[i, P: P + len(r)] = torch.tensor(r)
+        attn[i, P - len(p): P + len(r)] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model_fn(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, P - 1: -1]
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, ids[:, P:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach() if with_entropy else None
+    return logp, attn[:, P:].float(), entropy
+
+
+def rloo_loss(logp, ref_logp, mask, scores, k, beta):
+    """RLOO loss with the KL penalty in the sequence reward; returns (loss, kl, rlhf_reward, advantages)."""
+    kl = ((logp.detach() - ref_logp) * mask).sum(dim=1)  # per-sequence k1 estimate of KL(pi || pi_ref)
+    rlhf_reward = scores - beta * kl
+    adv = rloo_advantages(rlhf_reward, k)
+    loss = -(adv * (logp * mask).sum(dim=1)).mean()
+    return loss, kl, rlhf_reward, adv
+
+
+# ===================================================================================================
+# Arguments
+# ===================================================================================================
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="SFT checkpoint (hub id or path): the policy and the frozen reference")
+    p.add_argument("--reward-model", required=True, help="train_rm.py output (AutoModelForSequenceClassification)")
+    p.add_argument("--prompts", required=True,
+                   help="JSONL with 'prompt' (str or chat messages) per row (DATA/rl_prompts.jsonl), or a hub "
+                        "dataset id with a 'prompt' or 'messages' column")
+    p.add_argument("--prompts-split", default="train", help="split, when --prompts is a hub dataset")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N usable prompts")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--k", type=int, default=2, help="samples per prompt (paper: 2)")
+    p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (paper: 0.05)")
+    p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper: 2e-6 Sec. 3.2, 1e-6 Sec. 3.3)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share, then linear decay to 0")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the prompts (paper: 5)")
+    p.add_argument("--global-batch-size", type=int, default=128,
+                   help="completions per optimizer step over all ranks (= prompts x k; paper: 128)")
+    p.add_argument("--micro-batch-size", type=int, default=8,
+                   help="completions per device per training forward (a multiple of --k: whole prompt groups)")
+    p.add_argument("--gen-batch-size", type=int, default=None,
+                   help="completions per generate() call per device (default: the rank's whole share)")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens; longer prompts are skipped")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit (tokens)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (TRL's default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
+    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
+                   help="subtracted from the RM score of a response cut at --max-new-tokens without a stop token")
+    p.add_argument("--rm-batch-size", type=int, default=16,
+                   help="sequences per RM forward (1 reproduces the paper's unpadded scoring; batched is equal)")
+    p.add_argument("--rm-max-length", type=int, default=None,
+                   help="RM input tokens; longer inputs keep their end (utils.encode_prompt_response truncate)")
+    p.add_argument("--gold", choices=("synthetic",), default=None,
+                   help="synthetic: r* = make_data.gold_reward(prompt, response) (the toy world)")
+    p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the gold model's own code (ArmoRM)")
+    p.add_argument("--gold-prompts", default=None, help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
+    p.add_argument("--gold-max-prompts", type=int, default=None, help="use only the first N held-out prompts")
+    p.add_argument("--gold-every", type=int, default=10, help="gold evaluation every N steps (and at 0 and the end)")
+    p.add_argument("--gold-batch-size", type=int, default=8, help="sequences per gold-model forward")
+    p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU; weights synced every step)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="GPU memory share of vLLM")
+    p.add_argument("--seed", type=int, default=42, help="seed for prompt order and sampling")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
+    p.add_argument("--save-steps", type=int, default=50, help="resume checkpoint every N steps (0 = end only)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
+    p.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
+                   help="DeepSpeed JSON config; its \"auto\" values are filled from these flags")
+    args = p.parse_args(argv)
+    if args.gold and args.gold_model:
+        p.error("give --gold or --gold-model, not both")
+    if bool(args.gold or args.gold_model) != bool(args.gold_prompts):
+        p.error("gold tracking needs both a gold reward (--gold synthetic or --gold-model) and --gold-prompts")
+    if args.k < 2:
+        p.error("--k must be at least 2 (the leave-one-out baseline needs another sample)")
+    return args
+
+
+# ===================================================================================================
+# Data: prompts, with errors naming file:line:field and counted skips
+# ===================================================================================================
+
+
+def load_prompts(source, split, tokenizer, max_prompt_length, max_rows=None):
+    """[{'id', 'prompt' (as given), 'messages', 'ids'}] and a {reason: count} of skipped rows."""
+    prompts, skipped = [], {}
+    for where, row in utils.iter_rows(source, split):
+        if "prompt" in row:
+            field, value = "prompt", row["prompt"]
+        elif "messages" in row and isinstance(row["messages"], list):  # a chat: everything before the reply
+            field, value = "messages", list(row["messages"])
+            while value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+                value.pop()
+        else:
+            raise utils.DataError(f"{where}: missing field 'prompt'")
+        if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
+            skipped["empty prompt"] = skipped.get("empty prompt", 0) + 1
+            continue
+        msgs = utils.as_messages(value, "user", where, field)
+        ids = tokenizer(utils.render_chat(tokenizer, msgs, True), add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            reason = f"longer than --max-prompt-length {max_prompt_length}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        prompts.append({"id": row.get("prompt_id", where), "prompt": value, "messages": msgs, "ids": ids})
+        if max_rows and len(prompts) >= max_rows:
+            break
+    return prompts, skipped
+
+
+def prompt_text(p):
+    """The prompt as one string (for gold_reward): as given, or the last user message of a chat."""
+    return p["prompt"] if isinstance(p["prompt"], str) else [m for m in p["messages"] if m["role"] == "user"][-1]["content"]
+
+
+# ===================================================================================================
+# Generation: transformers (default) or vLLM, same sampling settings
+# ===================================================================================================
+
+
+def cut_at_stop(tokens, stop_ids):
+    """Generated ids -> (response ids up to and including the first stop token, finished?)."""
+    for j, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: j + 1], True
+    return tokens, False
+
+
+@torch.no_grad()
+def generate_hf(model, prompt_ids, gen_config, pad_id, stop_ids, device, batch_size):
+    """Sample one response per prompt id list with transformers generate() (KV cache, left padding)."""
+    out = []
+    for b in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[b: b + batch_size]
+        P = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_config,
+                              synced_gpus=False)
+        out.extend(cut_at_stop(row, stop_ids) for row in seqs[:, P:].tolist())
+    return out
+
+
+def generate_vllm(llm, prompt_ids, args, stop_ids):
+    """Sample one response per prompt with vLLM (same temperature / top-p / no top-k / stop tokens)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=-1, repetition_penalty=1.0,
+                            max_tokens=args.max_new_tokens, stop_token_ids=list(stop_ids), skip_special_tokens=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+    result = []
+    for o in outs:
+        tokens, finished = cut_at_stop(list(o.outputs[0].token_ids), stop_ids)
+        if not finished and o.outputs[0].finish_reason == "stop":  # the stop token was not returned
+            tokens, finished = tokens + [sorted(stop_ids)[0]], True
+        result.append((tokens, finished))
+    return result
+
+
+def sync_vllm_weights(llm, module, zero3):
+    """Push the trainer's weights into the colocated vLLM engine (parameter by parameter under ZeRO-3)."""
+    import deepspeed
+
+    vllm_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]) if zero3 else nullcontext():
+            vllm_model.load_weights([(name, param.data)])
+    llm.reset_prefix_cache()
+
+
+# ===================================================================================================
+# Plots and summary (rank 0)
+# ===================================================================================================
+
+
+def make_plots(out, rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    train = [r for r in rows if "train/kl" in r]
+    gold = [r for r in rows if "gold/reward" in r]
+
+    def col(rs, key):
+        return [r[key] for r in rs]
+
+    for name, xlabel, ylabel in (("reward_vs_kl", "KL(pi || pi_ref) per sequence", "proxy reward r(x, y)"),
+                                 ("gold_vs_step", "step", "gold reward r* (held-out prompts)"),
+                                 ("length_vs_step", "step", "response length (tokens)")):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        if name == "reward_vs_kl":  # Figure 5a-b: the trajectory, coloured by step
+            ax.plot(col(train, "train/kl"), col(train, "train/proxy_reward"), lw=0.8, color="0.6", zorder=1)
+            sc = ax.scatter(col(train, "train/kl"), col(train, "train/proxy_reward"), c=col(train, "step"), s=14)
+            fig.colorbar(sc, ax=ax, label="step")
+        elif name == "gold_vs_step" and gold:  # Figure 5c-d
+            ax.errorbar(col(gold, "step"), col(gold, "gold/reward"), yerr=col(gold, "gold/reward_sem"), marker="o",
+                        capsize=3)
+        elif name == "length_vs_step":
+            ax.plot(col(train, "step"), col(train, "train/response_length"), label="training samples")
+            if gold:
+                ax.plot(col(gold, "step"), col(gold, "gold/response_length"), "o-", label="held-out prompts")
+            ax.legend()
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(' (')[0]}: {title}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "plots", f"{name}.png"), dpi=120)
+        plt.close(fig)
+
+
+def write_summary(out, rows, args, total_steps):
+    gold = {r["step"]: r for r in rows if "gold/reward" in r}
+    train = [r for r in rows if "train/kl" in r]
+    summary = {"policy": args.policy, "reward_model": args.reward_model, "steps": total_steps,
+               "gold": args.gold or args.gold_model, "gold_prompts": args.gold_prompts}
+    lines = [f"# RLOO summary: {args.out}", "", f"policy `{args.policy}`, reward model `{args.reward_model}`, "
+             f"{total_steps} steps, beta {args.beta}, k {args.k}", ""]
+    if gold:
+        first, last = gold[min(gold)], gold[max(gold)]
+        for name, r in (("sft", first), ("rloo", last)):
+            summary[name] = {"step": r["step"], "gold_reward": r["gold/reward"], "gold_reward_sem": r["gold/reward_sem"],
+                             "length_tokens": r["gold/response_length"], "length_chars": r["gold/response_chars"],
+                             "no_eos_fraction": r["gold/no_eos_fraction"], "prompts": r["gold/prompts"]}
+        lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
+                  "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
+                  "|---|---|---|---|---|"]
+        for label, r in (("SFT", first), (f"+ RLOO (RM `{os.path.basename(os.path.normpath(args.reward_model))}`, "
+                                           f"step {last['step']})", last)):
+            lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
+                         f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | {r['gold/no_eos_fraction']:.2f} |")
+    if train:
+        summary["train_first"] = {k: v for k, v in train[0].items() if k.startswith("train/")}
+        summary["train_last"] = {k: v for k, v in train[-1].items() if k.startswith("train/")}
+        lines += ["", "| training samples | proxy reward | KL | length (tokens) |", "|---|---|---|---|"]
+        for label, r in (("first step", train[0]), ("last step", train[-1])):
+            lines.append(f"| {label} (step {r['step']}) | {r['train/proxy_reward']:.4f} | {r['train/kl']:.4f} | "
+                         f"{r['train/response_length']:.1f} |")
+    utils.write_json(os.path.join(out, "summary.json"), summary)
+    with utils.atomic_path(os.path.join(out, "summary.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return summary
+
+
+# ===================================================================================================
+# Main
+# ===================================================================================================
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from utils import DataError, print0
+
+    utils.quiet_libraries()
+    rank, world, local_rank, device = utils.init_distributed()
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    mb, k = args.micro_batch_size, args.k
+    if mb % k:
+        raise SystemExit(f"--micro-batch-size {mb} must be a multiple of --k {k} (whole prompt groups per forward)")
+    if args.global_batch_size % (mb * world):
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x world size = {mb} x {world}")
+    grad_accum = args.global_batch_size // (mb * world)
+    prompts_per_step, prompts_per_rank = args.global_batch_size // k, args.global_batch_size // k // world
+    resume_dir = os.path.join(args.out, "resume")
+    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+    gold_reward = None
+    if args.gold == "synthetic":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        try:
+            from make_data import gold_reward
+        except ImportError as e:
+            raise SystemExit(f"--gold synthetic needs make_data.gold_reward next to rloo.py ({e})") from None
+
+    # ---------------------------------------------------------------- data
+    tokenizer = utils.load_tokenizer(args.policy)
+    rm_tokenizer = utils.load_tokenizer(args.reward_model)
+    gold_tokenizer = utils.load_tokenizer(args.gold_model) if args.gold_model else None
+    try:
+        prompts, skipped = load_prompts(args.prompts, args.prompts_split, tokenizer, args.max_prompt_length,
+                                        args.max_prompts)
+        gold_prompts, gold_skipped = (load_prompts(args.gold_prompts, "train", tokenizer, args.max_prompt_length,
+                                                   args.gold_max_prompts) if args.gold_prompts else ([], {}))
+    except DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    for name, sk in (("prompts", skipped), ("gold prompts", gold_skipped)):
+        for reason, count in sk.items():
+            print0(f"[data] {name}: skipped {count} rows ({reason})")
+    if len(prompts) < prompts_per_step:
+        raise SystemExit(f"{args.prompts}: {len(prompts)} usable prompts, fewer than one batch "
+                         f"({args.global_batch_size} completions / k {k} = {prompts_per_step} prompts)")
+    steps_per_epoch = len(prompts) // prompts_per_step
+    total_steps = steps_per_epoch * args.epochs
+    stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
+    eos_cfg = GenerationConfig.from_pretrained(args.policy).eos_token_id if os.path.exists(
+        os.path.join(args.policy, "generation_config.json")) else None
+    stop_ids |= set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
+    print0(f"[data] {len(prompts)} prompts, {len(gold_prompts)} held-out gold prompts; {prompts_per_step} prompts x "
+           f"k {k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps")
+    print0(f"[batch] global {args.global_batch_size} completions = micro {mb} x world {world} x accumulation "
+           f"{grad_accum}; stop tokens {sorted(stop_ids)} {tokenizer.convert_ids_to_tokens(sorted(stop_ids))}")
+
+    # ---------------------------------------------------------------- models (partitioned while loading)
+    hidden_size = AutoConfig.from_pretrained(args.policy).get_text_config().hidden_size
+    ds_config = utils.fill_ds_config(args.ds_config, {
+        "train_batch_size": args.global_batch_size,
+        "train_micro_batch_size_per_gpu": mb,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": args.max_grad_norm,
+        "bf16.enabled": bf16,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    })
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
+
+    def load_lm(path):
+        config = AutoConfig.from_pretrained(path)
+        for key, value in list(config.to_dict().items()):  # deterministic log-probs: no dropout
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+        config.use_cache = False
+        kw = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw)
+
+    def frozen(model):
+        """An inference-only model: a DeepSpeed ZeRO-3 engine without optimizer (stays partitioned), or on device."""
+        model.requires_grad_(False)
+        model.eval()
+        if zero3:
+            eng, *_ = deepspeed.initialize(model=model, config=ds_config)
+            eng.eval()
+            return eng
+        return model.to(device)
+
+    policy = load_lm(args.policy)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = frozen(load_lm(args.policy))
+    rm = frozen(utils.RewardModel(utils.load_reward_model(args.reward_model, rm_tokenizer, dtype,
+                                                          args.attn_implementation)))
+    gold_model = None
+    if args.gold_model:
+        gold_model = frozen(AutoModelForSequenceClassification.from_pretrained(
+            args.gold_model, dtype=dtype, trust_remote_code=args.trust_remote_code))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup
+                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    gen_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                  repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, use_cache=True,
+                                  eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+    llm = None
+    if args.vllm:
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise SystemExit("--vllm: vLLM is not installed (pip install vllm==0.10.1; GPU only)") from None
+        llm = LLM(model=args.policy, tokenizer=args.policy, dtype="bfloat16" if bf16 else "float32",
+                  gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed + rank,
+                  max_model_len=args.max_prompt_length + args.max_new_tokens, tensor_parallel_size=1,
+                  distributed_executor_backend="external_launcher" if world > 1 else None, enable_prefix_caching=True)
+
+    def generate(prompt_ids, seed):
+        """One sampled response per prompt id list (this rank): [(response ids, finished)]."""
+        if llm is not None:
+            return generate_vllm(llm, prompt_ids, args, stop_ids)
+        torch.manual_seed(seed)
+        module = engine.module
+        saved_cfg, module.generation_config = module.generation_config, GenerationConfig()  # only our settings
+        module.eval()  # use_cache is refused in train mode with gradient checkpointing
+        try:
+            with unwrap_model_for_generation(engine) if zero3 else nullcontext():
+                return generate_hf(module, prompt_ids, gen_config, tokenizer.pad_token_id, stop_ids, device,
+                                   args.gen_batch_size or len(prompt_ids))
+        finally:
+            module.generation_config = saved_cfg
+            module.train()
+
+    def rm_fn(input_ids, attention_mask):
+        return rm(input_ids, attention_mask)
+
+    def gold_fn(input_ids, attention_mask):
+        out = gold_model(input_ids=input_ids, attention_mask=attention_mask)
+        score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
+        return score.reshape(-1).float(), torch.zeros(len(input_ids), 1, device=input_ids.device)
+
+    # ---------------------------------------------------------------- resume / fresh start
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    samples_path = os.path.join(args.out, "gold_samples.jsonl")
+    start_step = 0
+    if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
+        with open(os.path.join(args.out, "rloo_config.json")) as f:
+            saved = json.load(f)["args"]
+        for key in ("policy", "reward_model", "prompts", "k", "beta", "lr", "epochs", "global_batch_size",
+                    "max_new_tokens", "temperature", "top_p", "seed", "max_prompts", "missing_eos_penalty"):
+            if saved.get(key) != getattr(args, key):
+                raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
+                                 f"{args.out} used {saved.get(key)!r}")
+        start_step = utils.load_train_state(engine, resume_dir, metrics_path)
+        if utils.is_rank0() and os.path.exists(samples_path):
+            utils.write_jsonl(samples_path, [r for _, r in utils.read_jsonl(samples_path) if r["step"] <= start_step])
+        print0(f"[resume] at step {start_step}/{total_steps}")
+    elif utils.is_rank0():
+        for path in (metrics_path, samples_path):
+            if os.path.exists(path):
+                os.remove(path)
+    run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
+                  "gold_prompts": len(gold_prompts), "skipped": {"prompts": skipped, "gold_prompts": gold_skipped},
+                  "stop_token_ids": sorted(stop_ids), "ds_config": ds_config}
+    if utils.is_rank0():
+        utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
+    vllm_synced = False
+
+    def log(row):
+        if utils.is_rank0():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # ---------------------------------------------------------------- gold evaluation on held-out prompts
+    def gold_eval(step):
+        mine = list(range(rank, len(gold_prompts), world))
+        t0 = time.time()
+        gens = generate([gold_prompts[i]["ids"] for i in mine], seed=args.seed * 1_000_003 + 999_983 + rank)
+        texts = [tokenizer.decode([t for t in g if t not in stop_ids], skip_special_tokens=True) for g, _ in gens]
+        local = [(i, texts[j], len(g), fin) for j, (i, (g, fin)) in enumerate(zip(mine, gens))]
+        items = sorted((x for part in utils.gather_objects(local) for x in part), key=lambda x: x[0])
+        if gold_model is not None:
+            seqs = [utils.encode_prompt_response(gold_tokenizer, gold_prompts[i]["messages"], text)
+                    for i, text, _, _ in items]
+            scores = utils.score_sequences(gold_fn, seqs, gold_tokenizer.pad_token_id, device,
+                                           args.gold_batch_size)[0].tolist()
+        else:
+            scores = [float(gold_reward(prompt_text(gold_prompts[i]), text)) for i, text, _, _ in items]
+        n = len(items)
+        g = torch.tensor(scores, dtype=torch.float64)
+        row = {"step": step, "gold/reward": g.mean().item(),
+               "gold/reward_std": g.std().item() if n > 1 else 0.0,
+               "gold/reward_sem": g.std().item() / math.sqrt(n) if n > 1 else 0.0,
+               "gold/response_length": sum(x[2] for x in items) / n,
+               "gold/response_chars": sum(len(x[1]) for x in items) / n,
+               "gold/no_eos_fraction": sum(not x[3] for x in items) / n, "gold/prompts": n,
+               "time/gold": time.time() - t0}
+        if utils.is_rank0():
+            with open(samples_path, "a") as f:
+                for (i, text, length, fin), s in zip(items, scores):
+                    f.write(json.dumps({"step": step, "prompt_id": gold_prompts[i]["id"], "prompt": gold_prompts[i]["prompt"],
+                                        "response": text, "gold_reward": s, "length": length, "eos": fin}) + "\n")
+        log(row)
+        print0(f"\n[gold] step {step}: r* {row['gold/reward']:.4f} ± {row['gold/reward_sem']:.4f}, "
+               f"length {row['gold/response_length']:.1f} tokens")
+        return row
+
+    if gold_prompts and start_step == 0:
+        gold_eval(0)  # the SFT policy (Table 3's first row)
+
+    # ---------------------------------------------------------------- training loop
+    engine.train()
+    bar = tqdm(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
+    for step in range(start_step, total_steps):
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+        batch = perm[in_epoch * prompts_per_step: (in_epoch + 1) * prompts_per_step]
+        my_prompts = [prompts[i] for i in batch[rank * prompts_per_rank: (rank + 1) * prompts_per_rank]]
+        group = [p for p in my_prompts for _ in range(k)]  # the k samples of a prompt are adjacent
+        utils.set_fault_step(step + 1)
+        lr_now = scheduler.get_last_lr()[0]
+
+        # -------------------------------------------------------- 1. generation
+        t0 = time.time()
+        if llm is not None and not vllm_synced:  # after a resume the engine must get the restored weights
+            sync_vllm_weights(llm, engine.module, zero3)
+            vllm_synced = True
+        gens = generate([p["ids"] for p in group], seed=args.seed * 1_000_003 + step * 1_009 + rank)
+        responses = [g for g, _ in gens]
+        finished = torch.tensor([fin for _, fin in gens], dtype=torch.bool)
+        t_gen = time.time() - t0
+
+        # -------------------------------------------------------- 2. proxy reward (RM's own tokenizer and format)
+        t0 = time.time()
+        texts = [tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True) for r in responses]
+        rm_seqs = [utils.encode_prompt_response(rm_tokenizer, p["messages"], text, args.rm_max_length, truncate=True)
+                   for p, text in zip(group, texts)]
+        all_seqs = [s for part in utils.gather_objects(rm_seqs) for s in part]
+        all_scores = utils.score_sequences(rm_fn, all_seqs, rm_tokenizer.pad_token_id, device, args.rm_batch_size)[0]
+        raw_scores = all_scores[rank * len(group): (rank + 1) * len(group)]
+        scores = raw_scores - args.missing_eos_penalty * (~finished).float()
+        t_score = time.time() - t0
+
+        # -------------------------------------------------------- 3-5. KL, advantages, policy gradient
+        t0 = time.time()
+        stats = {"kl": [], "rlhf": [], "adv": [], "loss": [], "ent_sum": 0.0, "ent_n": 0.0}
+        for g in range(grad_accum):
+            sl = slice(g * mb, (g + 1) * mb)
+            p_ids, r_ids = [p["ids"] for p in group[sl]], responses[sl]
+            logp, mask, entropy = response_logprobs(engine, p_ids, r_ids, tokenizer.pad_token_id, args.temperature,
+                                                    device, with_entropy=True)
+            with torch.no_grad():
+                ref_logp, _, _ = response_logprobs(ref, p_ids, r_ids, tokenizer.pad_token_id, args.temperature, device)
+            loss, kl, rlhf, adv = rloo_loss(logp, ref_logp, mask, scores[sl].to(device), k, args.beta)
+            if utils.fault_here("nan"):
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # all ranks must agree to stop
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() == 0:
+                print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping. The last good "
+                       f"state is in {resume_dir} (use --resume after fixing lr / the reward model).")
+                raise SystemExit(1)
+            engine.backward(loss)
+            engine.step()
+            stats["kl"] += kl.tolist()
+            stats["rlhf"] += rlhf.tolist()
+            stats["adv"] += adv.tolist()
+            stats["loss"].append(loss.item())
+            stats["ent_sum"] += (entropy * mask).sum().item()
+            stats["ent_n"] += mask.sum().item()
+        vllm_synced = False
+        utils.maybe_fault("after_step")
+        t_train = time.time() - t0
+
+        # -------------------------------------------------------- per-step log (global over ranks)
+        local = {**stats, "raw": raw_scores.tolist(), "len": [len(r) for r in responses],
+                 "no_eos": (~finished).float().tolist(), "t": [t_gen, t_score, t_train]}
+        parts = utils.gather_objects(local)
+        cat = {key: [x for part in parts for x in part[key]] for key in ("kl", "rlhf", "adv", "loss", "raw", "len", "no_eos")}
+        t = torch.tensor([part["t"] for part in parts]).max(dim=0).values.tolist()
+        raw, adv_all = torch.tensor(cat["raw"]), torch.tensor(cat["adv"])
+        row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
+               "train/proxy_reward": raw.mean().item(), "train/proxy_reward_std": raw.std().item(),
+               "train/rlhf_reward": sum(cat["rlhf"]) / len(cat["rlhf"]), "train/kl": sum(cat["kl"]) / len(cat["kl"]),
+               "train/response_length": sum(cat["len"]) / len(cat["len"]),
+               "train/no_eos_fraction": sum(cat["no_eos"]) / len(cat["no_eos"]),
+               "train/entropy": sum(p["ent_sum"] for p in parts) / max(1.0, sum(p["ent_n"] for p in parts)),
+               "train/advantage_mean": adv_all.mean().item(), "train/advantage_std": adv_all.std().item(),
+               "train/loss": sum(cat["loss"]) / len(cat["loss"]), "train/lr": lr_now,
+               "time/generation": t[0], "time/scoring": t[1], "time/training": t[2]}
+        log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['train/proxy_reward']:.3f}", kl=f"{row['train/kl']:.3f}")
+        if gold_prompts and ((step + 1) % args.gold_every == 0 or step + 1 == total_steps):
+            gold_eval(step + 1)
+        if step + 1 == total_steps or (args.save_steps and (step + 1) % args.save_steps == 0):
+            utils.save_train_state(engine, resume_dir, step + 1)
+    bar.close()
+
+    # ---------------------------------------------------------------- save the policy, plots, summary
+    final = os.path.join(args.out, "final")
+    engine.module.config.use_cache = True
+    utils.save_hf_checkpoint(engine.module, utils.consolidated_state_dict(engine), tokenizer, final,
+                             {"rloo_config.json": run_config}, prefix="")
+    torch.distributed.barrier()
+    utils.publish_checkpoint(final, args.out)
+    if utils.is_rank0():
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f]
+        make_plots(args.out, rows, os.path.basename(os.path.normpath(args.reward_model)))
+        write_summary(args.out, rows, args, total_steps)
+        with open(os.path.join(args.out, "summary.md")) as f:
+            print0("\n" + f.read())
+    torch.distributed.barrier()
+    print0(f"[done] policy in {args.out} (AutoModelForCausalLM.from_pretrained('{args.out}')); plots in "
+           f"{os.path.join(args.out, 'plots')}")
+
+
+if __name__ == "__main__":
+    main()
