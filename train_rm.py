@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -274,8 +273,6 @@ def main(argv=None):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_step = 0
     if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
-        with open(os.path.join(resume_dir, "latest")) as f:
-            state_dir = os.path.join(resume_dir, f.read().strip())
         with open(os.path.join(args.out, "train_config.json")) as f:
             saved = json.load(f)["args"]
         for key in ("model", "train_file", "loss", "lam", "margin", "bsr_scope", "lr", "epochs",
@@ -283,18 +280,8 @@ def main(argv=None):
             if saved.get(key) != getattr(args, key):
                 raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
                                  f"{args.out} used {saved.get(key)!r}")
-        engine.load_checkpoint(state_dir, tag="ds")
-        with open(os.path.join(state_dir, "trainer_state.json")) as f:
-            start_step = json.load(f)["step"]
-        rng = torch.load(os.path.join(state_dir, f"rng_rank{rank}.pt"), weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        if utils.is_rank0() and os.path.exists(metrics_path):  # rows logged after the checkpoint are redone
-            with open(metrics_path) as f:
-                kept = [r for r in map(json.loads, f) if r["step"] <= start_step]
-            utils.write_jsonl(metrics_path, kept)
-        print0(f"[resume] from {state_dir} at step {start_step}/{total_steps}")
+        start_step = utils.load_train_state(engine, resume_dir, metrics_path)
+        print0(f"[resume] from {resume_dir} at step {start_step}/{total_steps}")
     elif utils.is_rank0() and os.path.exists(metrics_path):
         os.remove(metrics_path)
     run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
@@ -308,29 +295,6 @@ def main(argv=None):
         if utils.is_rank0():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-    def save_resume_state(step):
-        """DeepSpeed shards + optimizer + scheduler + RNG, made visible only when complete."""
-        name = f"step-{step:08d}"
-        tmp = os.path.join(resume_dir, f".tmp-{name}")
-        if utils.is_rank0():
-            os.makedirs(resume_dir, exist_ok=True)
-        torch.distributed.barrier()
-        engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-        torch.save({"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-                   os.path.join(tmp, f"rng_rank{rank}.pt"))
-        torch.distributed.barrier()
-        if utils.is_rank0():
-            utils.write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
-            utils.maybe_fault("in_resume_save")
-            os.replace(tmp, os.path.join(resume_dir, name))
-            with utils.atomic_path(os.path.join(resume_dir, "latest")) as t:
-                open(t, "w").write(name)
-            for old in os.listdir(resume_dir):  # keep only the newest state
-                if old.startswith("step-") and old != name:
-                    shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
-        torch.distributed.barrier()
 
     # ---------------------------------------------------------------- epoch diagnostics (Figures 1-2)
     stats_gen = torch.Generator().manual_seed(args.seed)
@@ -370,7 +334,7 @@ def main(argv=None):
         extra = {"train_config.json": run_config}
         if epoch in eval_rewards:  # the trainer's own rewards on --eval-file, in file order
             extra["eval_rewards.json"] = eval_rewards[epoch]
-        utils.save_hf_checkpoint(hf_model, sd, tokenizer, ckpt, extra)
+        utils.save_hf_checkpoint(hf_model, sd, tokenizer, ckpt, extra, prefix="model.")
         torch.distributed.barrier()
         return ckpt
 
@@ -478,9 +442,9 @@ def main(argv=None):
         if in_epoch + 1 == steps_per_epoch:
             print0(f"\n[epoch {epoch + 1}] {epoch_diagnostics(epoch + 1)}")
             save_epoch_checkpoint(epoch + 1)
-            save_resume_state(step + 1)
+            utils.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:
-            save_resume_state(step + 1)
+            utils.save_train_state(engine, resume_dir, step + 1)
     bar.close()
 
     # ---------------------------------------------------------------- final checkpoint = last epoch

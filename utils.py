@@ -517,10 +517,11 @@ def consolidated_state_dict(engine):
     return engine.module.state_dict() if is_rank0() else None
 
 
-def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None, prefix="model."):
+def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None, prefix=""):
     """Rank 0: write an HF checkpoint (safetensors, config, tokenizer, extra json files) atomically.
 
-    state_dict: keys of the wrapping module (prefix stripped here), e.g. from consolidated_state_dict.
+    state_dict: e.g. from consolidated_state_dict. prefix: what to strip from its keys when the engine wraps the
+    HF model (RewardModel's "model."); leave "" for a bare HF model, whose own keys may start with "model.".
     """
     if not is_rank0():
         return
@@ -543,32 +544,6 @@ def publish_checkpoint(src_dir, dst_dir):
         if os.path.isfile(src):
             with atomic_path(os.path.join(dst_dir, name)) as tmp:
                 shutil.copyfile(src, tmp)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fault injection for the crash/resume tests (no effect unless BSR_FAULT is set)
-# ---------------------------------------------------------------------------------------------------
-
-_fault_step = {"step": None}
-
-
-def set_fault_step(step):
-    _fault_step["step"] = step
-
-
-def fault_here(point):
-    """True when BSR_FAULT='<point>@<step>' names this point and the current step."""
-    name, _, step = os.environ.get("BSR_FAULT", "").partition("@")
-    return name == point and step.isdigit() and int(step) == _fault_step["step"]
-
-
-def maybe_fault(point):
-    """Under BSR_FAULT='<point>@<step>', kill this process with SIGKILL there: a real, abrupt crash."""
-    if fault_here(point):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --- added by policy (sft.py, rloo.py) ---
 
 
 def save_train_state(engine, resume_dir, step):
@@ -618,6 +593,32 @@ def load_train_state(engine, resume_dir, metrics_path=None):
         write_jsonl(metrics_path, kept)
     torch.distributed.barrier()
     return step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fault injection for the crash/resume tests (no effect unless BSR_FAULT is set)
+# ---------------------------------------------------------------------------------------------------
+
+_fault_step = {"step": None}
+
+
+def set_fault_step(step):
+    _fault_step["step"] = step
+
+
+def fault_here(point):
+    """True when BSR_FAULT='<point>@<step>' names this point and the current step."""
+    name, _, step = os.environ.get("BSR_FAULT", "").partition("@")
+    return name == point and step.isdigit() and int(step) == _fault_step["step"]
+
+
+def maybe_fault(point):
+    """Under BSR_FAULT='<point>@<step>', kill this process with SIGKILL there: a real, abrupt crash."""
+    if fault_here(point):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- added by policy (sft.py, rloo.py) ---
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):
