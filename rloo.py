@@ -464,8 +464,11 @@ def main(argv=None):
                                                           args.attn_implementation)))
     gold_model = None
     if args.gold_model:
-        gold_model = frozen(AutoModelForSequenceClassification.from_pretrained(
-            args.gold_model, dtype=dtype, trust_remote_code=args.trust_remote_code))
+        gold_hf = AutoModelForSequenceClassification.from_pretrained(args.gold_model, dtype=dtype,
+                                                                     trust_remote_code=args.trust_remote_code)
+        if gold_hf.config.pad_token_id is None:  # batched scoring needs it (load_tokenizer guarantees a pad token)
+            gold_hf.config.pad_token_id = gold_tokenizer.pad_token_id
+        gold_model = frozen(gold_hf)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     warmup = math.ceil(args.warmup_ratio * total_steps)
