@@ -42,7 +42,7 @@ SUBSET_DOMAIN = (("alpacaeval", "chat"), ("mt-bench", "chat"), ("llmbar", "chat"
 CACHE_VERSION = 1
 
 # ===================================================================================================
-# ALGORITHM CORE: the metrics (numpy only; each is checked against scipy or a hand computation in tests)
+# ALGORITHM CORE: the metrics (each checked against scipy or a hand computation in tests/test_eval_rm.py)
 # ===================================================================================================
 
 
@@ -106,7 +106,8 @@ def rm_bench_scores(score_chosen, score_rejected, domains):
     out, present = {}, [d for d in DOMAINS if (domains == d).any()]
     for d in present:
         m = wins[domains == d].mean(0)
-        acc = {"hard": m[np.triu_indices(3, 1)].mean(), "normal": np.diag(m).mean(), "easy": m[np.tril_indices(3, -1)].mean()}
+        acc = {"hard": m[np.triu_indices(3, 1)].mean(), "normal": np.diag(m).mean(),
+               "easy": m[np.tril_indices(3, -1)].mean()}
         out[d] = float(np.mean(list(acc.values())))
         out.update({f"{d}/{k}": float(v) for k, v in acc.items()})
         out[f"matrix/{d}"] = m.tolist()
@@ -124,7 +125,8 @@ def norm_summary(x):
         return dict.fromkeys(("mean", "std", "skew", "p5", "p50", "p95"), float("nan"))
     p5, p50, p95 = np.percentile(x, [5, 50, 95])
     skew = float(scipy.stats.skew(x)) if x.std() > 0 else 0.0
-    return {"mean": float(x.mean()), "std": float(x.std()), "skew": skew, "p5": float(p5), "p50": float(p50), "p95": float(p95)}
+    return {"mean": float(x.mean()), "std": float(x.std()), "skew": skew,
+            "p5": float(p5), "p50": float(p50), "p95": float(p95)}
 
 
 def spearman(x, y):
@@ -157,12 +159,17 @@ def parse_args(argv=None):
                         "name, or its 'subset'")
     p.add_argument("--rm-bench-split", default="train", help="split, when --rm-bench is a hub dataset")
     p.add_argument("--out", required=True, help="output folder for report.json, report.md, plots, cache")
+    p.add_argument("--train-file", default=None,
+                   help="pairs for erank/train, norms/train and train/accuracy: JSONL or hub id (e.g. "
+                        "Skywork/Skywork-Reward-Preference-80K-v0.2 for the paper's Table 1); default DATA/train.jsonl")
+    p.add_argument("--train-split", default="train", help="split, when --train-file is a hub dataset")
     p.add_argument("--train-pairs", type=int, default=1024,
                    help="train.jsonl pairs sampled (seeded) for erank/train, norms/train and train/accuracy (0 = off)")
     p.add_argument("--erank-rows", type=int, default=2048,
                    help="max hidden states per set for the effective rank; every set uses the same number of rows "
                         "n = min(this, smallest set), because erank grows with the row count while rows < hidden size")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over prompts for 95%% intervals (0 = off)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples over prompts for the 95%% intervals (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train sample, erank rows and the bootstrap")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per device per forward")
     p.add_argument("--max-length", type=int, default=2048,
@@ -229,12 +236,34 @@ def _number(value, where, field):
     return float(value)
 
 
-def load_pair_set(name, path, max_pairs=None, seed=0):
+def _rows(source, split):
+    """(where, row) from a JSON list file (RM-Bench's native format), a JSONL file or a hub dataset id."""
+    from utils import DataError, iter_rows
+
+    if source.endswith(".json") and os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{source}: expected a JSON list of items, got {type(data).__name__}")
+        yield from ((f"{source}[{i}]", row) for i, row in enumerate(data))
+        return
+    try:
+        yield from iter_rows(source, split)
+    except DataError:
+        raise
+    except Exception as e:  # hub / dataset loading problems: one clear line, not a deep traceback
+        raise DataError(f"{source}: cannot load as a file or hub dataset ({type(e).__name__}: {e})") from None
+
+
+def load_pair_set(name, path, max_pairs=None, seed=0, split="train"):
     """{prompt, chosen, rejected[, prompt_id, chosen_score, rejected_score]} rows -> EvalSet (chosen preferred)."""
-    from utils import iter_rows, parse_pair
+    from utils import parse_pair
 
     s, rows = EvalSet(name, [path]), []
-    for where, row in iter_rows(path):
+    for where, row in _rows(path, split):
         s.rows_read += 1
         parsed = parse_pair(row, where)
         if parsed[0] == "skip":
@@ -242,7 +271,7 @@ def load_pair_set(name, path, max_pairs=None, seed=0):
             continue
         gold, s.has_gold = [1.0, 0.0], s.has_gold and row.get("chosen_score") is not None
         if row.get("chosen_score") is not None and row.get("rejected_score") is not None:
-            gold = [_number(row["chosen_score"], where, "chosen_score"), _number(row["rejected_score"], where, "rejected_score")]
+            gold = [_number(row[f], where, f) for f in ("chosen_score", "rejected_score")]
             if gold[0] == gold[1]:
                 s.skip("chosen_score == rejected_score (no preference)")
                 continue
@@ -257,10 +286,10 @@ def load_pair_set(name, path, max_pairs=None, seed=0):
 
 def load_ranked_set(name, path):
     """{prompt, responses: [k], gold_scores: [k][, prompt_id]} rows -> EvalSet. k < 2: counted skip."""
-    from utils import DataError, as_messages, iter_rows
+    from utils import DataError, as_messages
 
     s = EvalSet(name, [path])
-    for where, row in iter_rows(path):
+    for where, row in _rows(path, "train"):
         s.rows_read += 1
         for field in ("prompt", "responses", "gold_scores"):
             if field not in row:
@@ -280,28 +309,6 @@ def load_ranked_set(name, path):
             s.skip("all gold scores equal (tau undefined; kept for norms only)")
         s.add(prompt, msgs, gold, str(row.get("prompt_id", where)))
     return s
-
-
-def _rows(source, split):
-    """RM-Bench rows from a JSON list file (its native format), a JSONL file or a hub dataset id."""
-    from utils import DataError, iter_rows
-
-    if source.endswith(".json") and os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{source}: expected a JSON list of items, got {type(data).__name__}")
-        yield from ((f"{source}[{i}]", row) for i, row in enumerate(data))
-        return
-    try:
-        yield from iter_rows(source, split)
-    except DataError:
-        raise
-    except Exception as e:  # hub / dataset loading problems: one clear line, not a deep traceback
-        raise DataError(f"{source}: cannot load as a file or hub dataset ({type(e).__name__}: {e})") from None
 
 
 def rm_bench_domain(row, source):
@@ -327,13 +334,15 @@ def load_rm_bench(sources, split):
                 if field not in row:
                     raise DataError(f"{where}: missing field '{field}'")
                 if field != "prompt" and not (isinstance(row[field], list) and len(row[field]) == 3):
-                    raise DataError(f"{where}: field '{field}' must be a list of 3 responses (concise, detailed, markdown)")
+                    raise DataError(f"{where}: field '{field}' must be a list of 3 responses "
+                                    "(concise, detailed, markdown)")
             domain = rm_bench_domain(row, source)
             if domain is None:
                 s.skip(f"unknown domain (domain={row.get('domain')!r}, subset={row.get('subset')!r})")
                 continue
             prompt = as_messages(row["prompt"], "user", where, "prompt")
-            msgs = [as_messages(r, "assistant", where, f"{f}[{j}]") for f in ("chosen", "rejected") for j, r in enumerate(row[f])]
+            msgs = [as_messages(r, "assistant", where, f"{f}[{j}]")
+                    for f in ("chosen", "rejected") for j, r in enumerate(row[f])]
             s.add(prompt, msgs, [1.0] * 3 + [0.0] * 3, str(row.get("id", where)),
                   pairs=[(i, 3 + j) for i in range(3) for j in range(3)], domain=domain)
     return s
@@ -343,17 +352,18 @@ def load_sets(args):
     from utils import print0
 
     sets = []
-    if args.data_dir:
-        for name in SCENARIOS + ("train",):
-            path = os.path.join(args.data_dir, FILES[name])
-            if not os.path.exists(path):
-                print0(f"[data] {path} not found: '{name}' left out (its keys are null in report.json)")
-            elif name == "id":
-                sets.append(load_pair_set(name, path))
-            elif name == "train" and args.train_pairs > 0:
-                sets.append(load_pair_set(name, path, args.train_pairs, args.seed))
-            elif name != "train":
-                sets.append(load_ranked_set(name, path))
+    for name in SCENARIOS if args.data_dir else ():
+        path = os.path.join(args.data_dir, FILES[name])
+        if not os.path.exists(path):
+            print0(f"[data] {path} not found: '{name}' left out (its keys are null in report.json)")
+        else:
+            sets.append(load_pair_set(name, path) if name == "id" else load_ranked_set(name, path))
+    train = args.train_file or (args.data_dir and os.path.join(args.data_dir, FILES["train"]))
+    if train and args.train_pairs > 0:
+        if args.train_file or os.path.exists(train):  # --train-file may be a hub id
+            sets.append(load_pair_set("train", train, args.train_pairs, args.seed, args.train_split))
+        else:
+            print0(f"[data] {train} not found: 'train' left out (erank/train and erank/gap/* are null)")
     if args.rm_bench:
         sets.append(load_rm_bench(args.rm_bench, args.rm_bench_split))
     for s in sets:
@@ -373,6 +383,8 @@ def check_reward_checkpoint(name):
     """Refuse checkpoints without a trained Linear(H, 1) head (a causal LM or bare encoder would get a random one)."""
     from transformers import AutoConfig
 
+    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
+        raise SystemExit(f"--model {name}: no such folder")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -414,12 +426,12 @@ def encode_set(tokenizer, s, max_length):
     return seqs, truncated
 
 
-def score_set(forward, tokenizer, s, args, device, desc):
+def score_set(forward, tokenizer, s, args, max_length, device, desc):
     """Rewards, ||h||, ||h_w - h_l|| per pair, and a seeded sample of hidden states (for erank), scored in chunks
     of whole prompts so memory stays bounded on large sets."""
     from utils import score_sequences
 
-    seqs, truncated = encode_set(tokenizer, s, args.max_length)
+    seqs, truncated = encode_set(tokenizer, s, max_length)
     n, offsets = len(seqs), s.offsets
     sample = np.random.default_rng([args.seed, zlib.crc32(s.name.encode())]).permutation(n)[: args.erank_rows]
     sample_pos = np.full(n, -1)
@@ -441,8 +453,8 @@ def score_set(forward, tokenizer, s, args, device, desc):
         hidden_sample[sample_pos[a + rows]] = h[rows]
         sel = np.nonzero((pairs[:, 0] >= a) & (pairs[:, 0] < b))[0]
         diff[sel] = (h[pairs[sel, 0] - a] - h[pairs[sel, 1] - a]).norm(dim=1)
-    return {"rewards": rewards, "hidden_norm": hnorm, "diff_norm": diff,
-            "hidden_sample": hidden_sample if hidden_sample is not None else torch.zeros(0, 0), "n_truncated": truncated}
+    return {"rewards": rewards, "hidden_norm": hnorm, "diff_norm": diff, "n_truncated": truncated,
+            "hidden_sample": hidden_sample if hidden_sample is not None else torch.zeros(0, 0)}
 
 
 def fingerprint(args, model, s):
@@ -454,7 +466,7 @@ def fingerprint(args, model, s):
         return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in paths if os.path.isfile(f)]
 
     key = [CACHE_VERSION, files(model), [files(x) for x in s.sources], s.name, args.max_length, args.bf16,
-           args.erank_rows, args.seed, args.rm_bench_split, args.train_pairs if s.name == "train" else None]
+           args.erank_rows, args.seed, args.rm_bench_split, args.train_split, args.train_pairs]
     return hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -464,20 +476,26 @@ def score_model(model, label, sets, args, device):
 
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     paths = {s.name: os.path.join(cache_dir, f"{label}-{s.name}-{fingerprint(args, model, s)}.pt") for s in sets}
-    cached = {} if args.no_cache else {n: p for n, p in paths.items() if os.path.exists(p)}
-    if all(utils.gather_objects(len(cached) == len(sets))):
-        utils.print0(f"[cache] {label}: all {len(sets)} sets cached in {cache_dir}; model not loaded")
-        scores = {n: torch.load(p, weights_only=True) for n, p in cached.items()}
+    cached = [] if args.no_cache else [n for n, p in paths.items() if os.path.exists(p)]
+    cached = sorted(set.intersection(*map(set, utils.gather_objects(cached))))  # what every rank can read
+    scores = {n: torch.load(paths[n], weights_only=True) for n in cached}
+    if cached:
+        utils.print0(f"[cache] {label}: {len(cached)}/{len(sets)} sets read from {cache_dir}"
+                     + ("; model not loaded" if len(cached) == len(sets) else ""))
+    if len(cached) == len(sets):
         return scores, float(next(iter(scores.values()))["wp_norm"])
-    check_reward_checkpoint(model)
     tokenizer = utils.load_tokenizer(model)
+    tokenizer.model_max_length = 10**9  # we truncate ourselves (encode_set); silences the tokenizer's length warning
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     hf_model = utils.load_reward_model(model, tokenizer, dtype, args.attn_implementation).to(device).eval()
     rm = utils.RewardModel(hf_model)
     wp_norm = utils.head_weight_norm(hf_model)
-    scores = {}
-    for s in sets:
-        scores[s.name] = dict(score_set(rm, tokenizer, s, args, device, f"{label}/{s.name}"), wp_norm=wp_norm)
+    max_length = min(args.max_length, getattr(hf_model.config, "max_position_embeddings", None) or args.max_length)
+    if max_length < args.max_length:
+        utils.print0(f"[model] {label}: sequences truncated at the model's {max_length} positions (< --max-length)")
+    for s in (s for s in sets if s.name not in scores):
+        scores[s.name] = score_set(rm, tokenizer, s, args, max_length, device, f"{label}/{s.name}")
+        scores[s.name]["wp_norm"] = wp_norm
         if not args.no_cache and utils.is_rank0():
             with utils.atomic_path(paths[s.name]) as tmp:
                 torch.save(scores[s.name], tmp)
@@ -491,15 +509,14 @@ def score_model(model, label, sets, args, device):
 
 
 def fixed_keys():
-    keys = ["wp_norm", "id/accuracy", "id/accuracy_ci_low", "id/accuracy_ci_high", "train/accuracy", "erank/train",
-            "erank/n_rows"]
+    keys = ["wp_norm", "id/accuracy", "id/accuracy_ci_low", "id/accuracy_ci_high", "train/accuracy", "erank/n_rows"]
     for sc in SCENARIOS[1:]:
         keys += [f"{sc}/{m}{ci}" for m in ("kendall_tau", "pair_accuracy") for ci in ("", "_ci_low", "_ci_high")]
         keys.append(f"{sc}/tau_undefined")
     for sc in SCENARIOS + ("train", "rm_bench"):
         keys += [f"norms/{sc}/{k}" for k in ("mean", "std", "skew", "p5", "p50", "p95")]
         keys += [f"diff_norms/{sc}/{k}" for k in ("mean", "std", "skew", "p50")]
-        keys += [f"length_corr/{sc}", f"{sc}/n_truncated"] + ([f"erank/{sc}", f"erank/gap/{sc}"] if sc != "train" else [])
+        keys += [f"length_corr/{sc}", f"{sc}/n_truncated", f"erank/{sc}"] + [f"erank/gap/{sc}"] * (sc != "train")
     return keys + [f"rm_bench/{k}" for k in ("hard", "normal", "easy", "overall") + DOMAINS]
 
 
@@ -511,7 +528,8 @@ def model_metrics(sets, scores, wp_norm, args):
         sc, n = scores[s.name], s.name
         rewards, offsets = sc["rewards"].numpy().astype(float), s.offsets
         out.update({f"norms/{n}/{k}": v for k, v in norm_summary(sc["hidden_norm"].numpy()).items()})
-        out.update({f"diff_norms/{n}/{k}": v for k, v in norm_summary(sc["diff_norm"].numpy()).items() if k in ("mean", "std", "skew", "p50")})
+        diff = norm_summary(sc["diff_norm"].numpy())
+        out.update({f"diff_norms/{n}/{k}": diff[k] for k in ("mean", "std", "skew", "p50")})
         out[f"length_corr/{n}"] = spearman(rewards, s.lengths())
         out[f"{n}/n_truncated"] = int(sc["n_truncated"])
         if n in ("id", "train"):  # pairs: accuracy pooled per prompt_id, bootstrap over prompts
@@ -541,7 +559,7 @@ def model_metrics(sets, scores, wp_norm, args):
             out[f"{n}/pair_accuracy"] = float(correct.sum() / total.sum()) if total.sum() else float("nan")
             out[f"{n}/pair_accuracy_ci_low"], out[f"{n}/pair_accuracy_ci_high"] = bootstrap_ci(correct, total, **boot)
         elif n == "rm_bench":
-            r = np.stack([rewards[offsets[p]: offsets[p + 1]] for p in range(len(s.sizes))]) if s.sizes else np.zeros((0, 6))
+            r = rewards.reshape(-1, 6)  # every item: 3 chosen then 3 rejected
             out.update({f"rm_bench/{k}": v for k, v in rm_bench_scores(r[:, :3], r[:, 3:], s.domain).items()})
     # effective rank on the same number of rows for every set (erank is bounded by the row count)
     sizes = [len(scores[s.name]["hidden_sample"]) for s in sets if s.sizes]
@@ -559,17 +577,17 @@ def model_metrics(sets, scores, wp_norm, args):
 # ===================================================================================================
 
 
-def _f(v, digits=4):
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+def _f(v, digits=4, scale=1.0, sign=""):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{scale * v:{sign}.{digits}f}"
 
 
-def _signed(v):
-    return "n/a" if v is None or math.isnan(v) else f"{v:+.2f}"
-
-
-def _ci(m, key):
+def _cell(m, key, digits=4, ci=False):  # "value [ci_low, ci_high]"
     lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    return _f(m.get(key)) + ("" if lo is None or math.isnan(lo) else f" [{_f(lo, 3)}, {_f(hi, 3)}]")
+    return _f(m.get(key), digits) + (f" [{lo:.3f}, {hi:.3f}]" if ci and lo is not None and not math.isnan(lo) else "")
+
+
+def _dist(m, prefix):  # "mean ± std (skew)"
+    return f"{_f(m[prefix + '/mean'], 3)} ± {_f(m[prefix + '/std'], 3)} ({_f(m[prefix + '/skew'], 2)})"
 
 
 def _table(header, rows):
@@ -579,46 +597,51 @@ def _table(header, rows):
 
 def write_report_md(path, report, sets, figures):
     models, names = report["models"], [s.name for s in sets if s.sizes]
-    md = ["# Reward model evaluation\n", _table(["Model", "Path"], [[k, f"`{m['model']}`"] for k, m in models.items()])]
-    md += ["\n## Robustness (paper Table 5 layout; 95% bootstrap intervals over prompts)\n",
-           _table(["Model", "In-Domain (Accuracy ↑)"] + [f"{TITLES[s]} (Kendall's τ ↑)" for s in SCENARIOS[1:]],
-                  [[k, _ci(m, "id/accuracy")] + [_ci(m, f"{s}/kendall_tau") for s in SCENARIOS[1:]] for k, m in models.items()]),
-           "\nPair accuracy on every pair of responses with different gold scores (a reward tie counts as wrong):\n\n",
-           _table(["Model", "Train sample"] + [TITLES[s] for s in SCENARIOS[1:]],
-                  [[k, _f(m["train/accuracy"])] + [_ci(m, f"{s}/pair_accuracy") for s in SCENARIOS[1:]] for k, m in models.items()])]
-    md += ["\n## Hidden states (paper Figures 1-3, Table 1)\n", "||h(x, y)||: mean ± std (skew):\n\n",
-           _table(["Model", "‖Wp‖"] + [TITLES[n] for n in names],
-                  [[k, _f(m["wp_norm"], 3)] + [f"{_f(m[f'norms/{n}/mean'], 3)} ± {_f(m[f'norms/{n}/std'], 3)} ({_f(m[f'norms/{n}/skew'], 2)})"
-                                               for n in names] for k, m in models.items()]),
-           "\n||h(x, y_w) - h(x, y_l)|| over preference pairs: mean ± std (skew):\n\n",
-           _table(["Model"] + [TITLES[n] for n in names],
-                  [[k] + [f"{_f(m[f'diff_norms/{n}/mean'], 3)} ± {_f(m[f'diff_norms/{n}/std'], 3)} ({_f(m[f'diff_norms/{n}/skew'], 2)})"
-                          for n in names] for k, m in models.items()])]
-    evals = [n for n in names if n != "train"]
+    evals, ood = [n for n in names if n != "train"], SCENARIOS[1:]
+
+    def rows(cells):  # one row per model
+        return [[label] + cells(m) for label, m in models.items()]
+
+    md = ["# Reward model evaluation\n\n", _table(["Model", "Path"], rows(lambda m: [f"`{m['model']}`"]))]
+    if set(SCENARIOS) & set(names):
+        md += ["\n## Robustness (paper Table 5 layout; 95% bootstrap intervals over prompts)\n\n",
+               _table(["Model", "In-Domain (Accuracy ↑)"] + [f"{TITLES[s]} (Kendall's τ ↑)" for s in ood],
+                      rows(lambda m: [_cell(m, "id/accuracy", ci=True)]
+                           + [_cell(m, f"{s}/kendall_tau", ci=True) for s in ood])),
+               "\nPair accuracy over every response pair with different gold scores (a reward tie is wrong):\n\n",
+               _table(["Model", "Train sample"] + [TITLES[s] for s in ood],
+                      rows(lambda m: [_cell(m, "train/accuracy")]
+                           + [_cell(m, f"{s}/pair_accuracy", ci=True) for s in ood]))]
     n_rows = next(iter(models.values()))["erank/n_rows"]
-    md += [f"\nEffective rank (eq. 32, no mean-centring, {n_rows} rows per set); Δ = erank_eval - erank_train (↓):\n\n",
-           _table(["Model", "erank train"] + [f"erank {TITLES[n]} (Δ)" for n in evals],
-                  [[k, _f(m["erank/train"], 2)] + [f"{_f(m[f'erank/{n}'], 2)} ({_signed(m[f'erank/gap/{n}'])})" for n in evals]
-                   for k, m in models.items()])]
-    md += ["\n## Length bias: Spearman correlation of reward with response length in characters\n",
-           _table(["Model"] + [TITLES[n] for n in names],
-                  [[k] + [_f(m[f"length_corr/{n}"], 3) for n in names] for k, m in models.items()]
+    md += ["\n## Hidden states (paper Figures 1-3, Table 1)\n\n||h(x, y)||, mean ± std (skew):\n\n",
+           _table(["Model", "‖Wp‖"] + [TITLES[n] for n in names],
+                  rows(lambda m: [_f(m["wp_norm"], 3)] + [_dist(m, f"norms/{n}") for n in names])),
+           "\n||h(x, y_w) - h(x, y_l)|| over preference pairs, mean ± std (skew):\n\n",
+           _table(["Model"] + [TITLES[n] for n in names], rows(lambda m: [_dist(m, f"diff_norms/{n}") for n in names])),
+           f"\nEffective rank (eq. 32; rows not mean-centred; {n_rows} rows per set), Δ = erank_eval - erank_train:"
+           "\n\n", _table(["Model", "erank train"] + [f"{TITLES[n]} (Δ ↓)" for n in evals],
+                          rows(lambda m: [_f(m["erank/train"], 2)] + [
+                              f"{_f(m[f'erank/{n}'], 2)} ({_f(m[f'erank/gap/{n}'], 2, sign='+')})" for n in evals])),
+           "\n## Length bias: Spearman correlation of reward with response length in characters\n\n",
+           _table(["Model"] + [TITLES[n] for n in names], rows(lambda m: [_f(m[f"length_corr/{n}"], 3) for n in names])
                   + [["gold r* (reference)"] + [_f(report["gold"].get(f"length_corr/{n}"), 3) for n in names]])]
     if "rm_bench" in names:
-        md += ["\n## RM-Bench (paper Table 2 layout, accuracy %)\n",
+        styles = ("concise", "detailed", "markdown")
+        cols = DOMAINS + ("hard", "normal", "easy", "overall")
+        md += ["\n## RM-Bench (paper Table 2 layout, accuracy %)\n\n",
                _table(["Model", "Chat", "Math", "Code", "Safety", "Hard Acc", "Normal Acc", "Easy Acc", "Overall"],
-                      [[k] + [_f(None if m[f"rm_bench/{c}"] is None else 100 * m[f"rm_bench/{c}"], 1)
-                              for c in DOMAINS + ("hard", "normal", "easy", "overall")] for k, m in models.items()]),
-               "\nRM-Bench 3x3 accuracy matrix (%), mean over domains; row = chosen style, column = rejected style "
-               "(hard = above the diagonal, easy = below):\n\n",
-               _table(["Model", "chosen \\ rejected", "concise", "detailed", "markdown"],
-                      [[k if i == 0 else "", style] + [_f(100 * v, 1) for v in row] for k, m in models.items()
-                       for i, (style, row) in enumerate(zip(("concise", "detailed", "markdown"), np.mean(
-                           [m[f"rm_bench/matrix/{d}"] for d in DOMAINS if m.get(f"rm_bench/matrix/{d}")], axis=0)))])]
-    md += ["\n## Data\n", _table(["Set", "Source", "Rows read", "Prompts", "Responses", "Skipped"],
-                                 [[s.name, f"`{s.source}`", s.rows_read, len(s.sizes), len(s.responses),
-                                   "; ".join(f"{v} {k}" for k, v in s.skipped.items()) or "0"] for s in sets])]
-    md += ["\n## Plots\n"] + [f"![{f}]({f})\n" for f in figures]
+                      rows(lambda m: [_f(m[f"rm_bench/{c}"], 1, 100) for c in cols])),
+               "\n3x3 accuracy matrix (%), mean over domains; row = chosen style, column = rejected style "
+               "(hard = above the diagonal, easy = below):\n\n"]
+        matrix = {k: np.mean([m[f"rm_bench/matrix/{d}"] for d in DOMAINS if m.get(f"rm_bench/matrix/{d}")], axis=0)
+                  for k, m in models.items()}
+        md += [_table(["Model", "chosen \\ rejected"] + list(styles),
+                      [[k if i == 0 else "", style] + [_f(v, 1, 100) for v in matrix[k][i]] for k in models
+                       for i, style in enumerate(styles)])]
+    md += ["\n## Data\n\n", _table(["Set", "Source", "Rows read", "Prompts", "Responses", "Skipped"],
+                                   [[s.name, f"`{s.source}`", s.rows_read, len(s.sizes), len(s.responses),
+                                     "; ".join(f"{v} {k}" for k, v in s.skipped.items()) or "0"] for s in sets])]
+    md += ["\n## Plots\n\n"] + [f"![{f}]({f})\n" for f in figures]
     with open(path, "w") as f:
         f.write("".join(md))
 
@@ -627,7 +650,9 @@ def metrics_rows(model):
     """train_rm.py's per-epoch rows (metrics.jsonl in the model folder, or its parent for an epoch-N folder)."""
     if not os.path.isdir(model):
         return []
-    dirs = [model] + ([os.path.dirname(os.path.abspath(model))] if os.path.basename(os.path.normpath(model)).startswith("epoch-") else [])
+    dirs = [model]
+    if os.path.basename(os.path.normpath(model)).startswith("epoch-"):
+        dirs.append(os.path.dirname(os.path.abspath(model)))
     for d in dirs:
         path = os.path.join(d, "metrics.jsonl")
         if os.path.exists(path):
@@ -657,7 +682,8 @@ def plot_all(out, report, sets, scores_all):
     # Figure 3: ||h(x, y)|| distribution per scenario, models overlaid
     names = [s.name for s in sets if s.sizes]
     ncols = min(3, len(names))
-    fig, axes = plt.subplots(math.ceil(len(names) / ncols), ncols, figsize=(4.6 * ncols, 3.4 * math.ceil(len(names) / ncols)), squeeze=False)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
     for ax, n in zip(axes.flat, names):
         data = {label: scores_all[label][n]["hidden_norm"].numpy() for label in labels}
         lo, hi = min(d.min() for d in data.values()), max(d.max() for d in data.values())
@@ -735,6 +761,8 @@ def main(argv=None):
         sets = load_sets(args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    for model in args.model:  # fail before hours of scoring, not after
+        check_reward_checkpoint(model)
     labels = list(args.name or [model_label(m) for m in args.model])
     for i, label in enumerate(labels):  # unique labels: they name cache files and table rows
         if labels.count(label) > 1:
