@@ -470,17 +470,23 @@ def fingerprint(args, model, s):
     return hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
-def score_model(model, label, sets, args, device):
-    """{set name: scores} and ||Wp|| for one model: from the cache when every set is there, else scored now."""
+def cache_plan(model, label, sets, args):
+    """({set name: cache file}, the set names that every rank finds in the cache)."""
     import utils
 
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
     paths = {s.name: os.path.join(cache_dir, f"{label}-{s.name}-{fingerprint(args, model, s)}.pt") for s in sets}
     cached = [] if args.no_cache else [n for n, p in paths.items() if os.path.exists(p)]
-    cached = sorted(set.intersection(*map(set, utils.gather_objects(cached))))  # what every rank can read
+    return paths, sorted(set.intersection(*map(set, utils.gather_objects(cached))))
+
+
+def score_model(model, label, sets, args, device, paths, cached):
+    """{set name: scores} and ||Wp|| for one model: cached sets are read, the others scored (and cached) now."""
+    import utils
+
     scores = {n: torch.load(paths[n], weights_only=True) for n in cached}
     if cached:
-        utils.print0(f"[cache] {label}: {len(cached)}/{len(sets)} sets read from {cache_dir}"
+        utils.print0(f"[cache] {label}: {len(cached)}/{len(sets)} sets read from the cache"
                      + ("; model not loaded" if len(cached) == len(sets) else ""))
     if len(cached) == len(sets):
         return scores, float(next(iter(scores.values()))["wp_norm"])
@@ -761,19 +767,21 @@ def main(argv=None):
         sets = load_sets(args)
     except DataError as e:
         raise SystemExit(f"data error: {e}") from None
-    for model in args.model:  # fail before hours of scoring, not after
-        check_reward_checkpoint(model)
     labels = list(args.name or [model_label(m) for m in args.model])
     for i, label in enumerate(labels):  # unique labels: they name cache files and table rows
         if labels.count(label) > 1:
             labels[i] = f"{label}#{labels[:i].count(label) + 1}"
     labels = [label.replace(os.sep, "_") for label in labels]
+    plans = [cache_plan(model, label, sets, args) for model, label in zip(args.model, labels)]
+    for model, (_, cached) in zip(args.model, plans):  # fail before hours of scoring, not after
+        if len(cached) < len(sets):
+            check_reward_checkpoint(model)
 
     # ---------------------------------------------------------------- score (or read the cache) and measure
     report = {"models": {}, "gold": {}, "data": {}}
     scores_all = {}
-    for model, label in zip(args.model, labels):
-        scores, wp_norm = score_model(model, label, sets, args, device)
+    for model, label, plan in zip(args.model, labels, plans):
+        scores, wp_norm = score_model(model, label, sets, args, device, *plan)
         scores_all[label] = scores
         report["models"][label] = {"model": model, **model_metrics(sets, scores, wp_norm, args)}
         m = report["models"][label]
@@ -781,7 +789,7 @@ def main(argv=None):
                + ", ".join(f"{s} tau {_f(m[f'{s}/kendall_tau'])}" for s in SCENARIOS[1:])
                + f", rm_bench/overall {_f(m['rm_bench/overall'])}, wp_norm {_f(wp_norm, 3)}")
     for s in sets:
-        if s.sizes and s.name in SCENARIOS and s.has_gold:
+        if s.sizes and s.has_gold:  # the four scenarios and train (when its rows carry chosen/rejected_score)
             report["gold"][f"length_corr/{s.name}"] = spearman(np.concatenate(s.gold), s.lengths())
         report["data"][s.name] = {"source": s.source, "rows_read": s.rows_read, "prompts": len(s.sizes),
                                   "responses": len(s.responses), "pairs": len(s.pairs), "skipped": s.skipped}
