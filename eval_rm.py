@@ -205,7 +205,7 @@ class EvalSet:
         self.pairs, self.skipped, self.rows_read, self.has_gold = [], {}, 0, True
 
     def add(self, prompt, responses, gold, group, pairs=None, domain=None):
-        base = sum(self.sizes)
+        base = len(self.responses)
         if pairs is None:  # every pair of responses whose gold scores differ, preferred first
             pairs = [(a, b) if gold[a] > gold[b] else (b, a) for a in range(len(gold))
                      for b in range(a + 1, len(gold)) if gold[a] != gold[b]]
@@ -248,7 +248,10 @@ def _rows(source, split):
                 raise DataError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
             raise DataError(f"{source}: expected a JSON list of items, got {type(data).__name__}")
-        yield from ((f"{source}[{i}]", row) for i, row in enumerate(data))
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
+            yield f"{source}[{i}]", row
         return
     try:
         yield from iter_rows(source, split)
@@ -328,8 +331,6 @@ def load_rm_bench(sources, split):
     for source in sources:
         for where, row in _rows(source, split):
             s.rows_read += 1
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
             for field in ("prompt", "chosen", "rejected"):
                 if field not in row:
                     raise DataError(f"{where}: missing field '{field}'")
@@ -400,7 +401,8 @@ def check_reward_checkpoint(name):
         keys = []
         index = os.path.join(name, "model.safetensors.index.json")
         if os.path.exists(index):
-            keys = list(json.load(open(index))["weight_map"])
+            with open(index) as f:
+                keys = list(json.load(f)["weight_map"])
         elif os.path.exists(os.path.join(name, "model.safetensors")):
             from safetensors import safe_open
 
@@ -465,8 +467,9 @@ def fingerprint(args, model, s):
         paths = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
         return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in paths if os.path.isfile(f)]
 
-    key = [CACHE_VERSION, files(model), [files(x) for x in s.sources], s.name, args.max_length, args.bf16,
-           args.erank_rows, args.seed, args.rm_bench_split, args.train_split, args.train_pairs]
+    only = {"train": (args.train_pairs, args.train_split), "rm_bench": args.rm_bench_split}.get(s.name)
+    key = [CACHE_VERSION, files(model), [files(x) for x in s.sources], s.name, only, args.max_length, args.bf16,
+           args.attn_implementation, args.erank_rows, args.seed]
     return hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
 
 
@@ -758,7 +761,7 @@ def main(argv=None):
     from utils import DataError, print0
 
     utils.quiet_libraries()
-    rank, world, _, device = utils.init_distributed()
+    _, world, _, device = utils.init_distributed()
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
 
