@@ -61,7 +61,8 @@ def write_data_dir(path, n_prompts=30, seed=0):
                             "rejected_score": row["gold_scores"][b], "chosen_model": "m0", "rejected_model": "m1"})
     prompt_ood = unseen + [{"prompt_id": "tie", "prompt": "sort the list", "responses": ["yes", "no yes", "one", "two"],
                             "gold_scores": [1.0] * 4, "models": ["m0"] * 4},
-                           {"prompt_id": "one", "prompt": "count", "responses": ["yes"], "gold_scores": [1.0], "models": ["m0"]}]
+                           {"prompt_id": "one", "prompt": "count", "responses": ["yes"], "gold_scores": [1.0],
+                            "models": ["m0"]}]
     files = {"train": train, "valid_id": valid_id, "valid_prompt_ood": prompt_ood,
              "valid_response_ood": ranked("s", n_prompts, True, [r["prompt"] for r in seen]),
              "valid_mutual_ood": ranked("u", n_prompts, True, [r["prompt"] for r in unseen])}
@@ -75,9 +76,10 @@ def write_rm_bench(path):
     """Native RM-Bench JSON list: short items, domain given by 'domain', or by RewardBench 'subset' names."""
     rng = random.Random(1)
     items = []
-    for i, (key, value) in enumerate([("domain", "chat"), ("domain", "math"), ("domain", "code"), ("domain", "safety-refuse"),
-                                      ("subset", "alpacaeval-easy"), ("subset", "xstest-should-respond"),
-                                      ("subset", "bigcode/humanevalpack"), ("subset", "math-prm")]):
+    fields = [("domain", "chat"), ("domain", "math"), ("domain", "code"), ("domain", "safety-refuse"),
+              ("subset", "alpacaeval-easy"), ("subset", "xstest-should-respond"), ("subset", "bigcode/humanevalpack"),
+              ("subset", "math-prm")]
+    for i, (key, value) in enumerate(fields):
         base = random_text(rng, 2, 5)
         items.append({"id": i, key: value, "prompt": random_text(rng),
                       "chosen": [f"yes {base}", f"yes {base} and more", f"**yes** {base} and more"],
@@ -211,7 +213,8 @@ def test_loaders_bad_input(tmp_path):
     s = eval_rm.load_ranked_set("prompt_ood", path)
     assert len(s.sizes) == 2 and s.skipped == {"fewer than 2 responses": 1,
                                               "all gold scores equal (tau undefined; kept for norms only)": 1}
-    path = _write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a"}])
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"},
+                                         {"prompt": "p", "chosen": "a"}])
     with pytest.raises(DataError, match=r"p\.jsonl:2: missing field 'rejected'"):
         eval_rm.load_pair_set("id", path)
     bench = tmp_path / "chat_filtered.json"
@@ -251,7 +254,8 @@ def world(tmp_path_factory, tiny_llama):
                     "--loss", loss, "--global-batch-size", "8", "--micro-batch-size", "8", "--epochs", "2",
                     "--lr", "1e-3", "--max-length", "128", "--save-steps", "0"])
         models.append(out)
-    args = ["eval_rm.py", "--model", models[0], "--model", models[1], "--data-dir", data, "--rm-bench", bench] + EVAL_FLAGS
+    args = ["eval_rm.py", "--model", models[0], "--model", models[1], "--data-dir", data, "--rm-bench", bench]
+    args += EVAL_FLAGS
     assert args[5] == "--data-dir"  # test_two_processes_match_one reuses args[5:]
     proc = run_script(args + ["--out", str(root / "eval")])
     return {"root": root, "data": data, "bench": bench, "models": models, "args": args, "out": str(root / "eval"),
@@ -262,7 +266,8 @@ def world(tmp_path_factory, tiny_llama):
 def _plain_hf(model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir), AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    return AutoTokenizer.from_pretrained(model_dir), model
 
 
 def plain_hf_rewards(model_dir, prompt, responses):
@@ -301,7 +306,8 @@ def test_end_to_end_report_matches_independent_scoring(world):
     taus = []
     for r in read_jsonl(f"{world['data']}/valid_prompt_ood.jsonl"):
         if len(r["responses"]) >= 2 and len(set(r["gold_scores"])) > 1:
-            taus.append(scipy.stats.kendalltau(plain_hf_rewards(model_dir, r["prompt"], r["responses"]), r["gold_scores"]).statistic)
+            rewards = plain_hf_rewards(model_dir, r["prompt"], r["responses"])
+            taus.append(scipy.stats.kendalltau(rewards, r["gold_scores"]).statistic)
     assert m["prompt_ood/kendall_tau"] == pytest.approx(np.nanmean(taus), abs=1e-6)
     assert m["prompt_ood/tau_undefined"] == int(np.isnan(taus).sum())
     # RM-Bench with RM-Bench's own loops on plain HF rewards
@@ -332,7 +338,8 @@ def test_end_to_end_outputs_and_plots(world):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
         assert os.path.getsize(os.path.join(out, name)) > 10_000
     md = open(os.path.join(out, "report.md")).read()
-    for text in ("In-Domain (Accuracy ↑)", "Mutual OOD (Kendall's τ ↑)", "| Chat | Math | Code | Safety | Hard Acc",
+    for text in ("In-Domain (Accuracy ↑)", "Mutual OOD (Kendall's τ ↑)",
+                 "| Chat | Math | Code | Safety | Hard Acc |",
                  "| rm_bt |", "| rm_bsr |", "chosen \\ rejected", "fig3_hidden_norms.png"):
         assert text in md
     config = json.load(open(os.path.join(out, "eval_config.json")))
@@ -351,7 +358,8 @@ def test_cache_makes_second_run_skip_the_models(world):
 def test_two_processes_match_one(world):
     """Sequences sharded over 2 ranks (gloo): the same report up to float noise from different batch padding."""
     out2 = str(world["root"] / "eval_2proc")
-    run_script(["eval_rm.py", "--model", world["models"][0]] + world["args"][5:] + ["--out", out2, "--no-cache"], nproc=2)
+    run_script(["eval_rm.py", "--model", world["models"][0]] + world["args"][5:] + ["--out", out2, "--no-cache"],
+               nproc=2)
     one = json.load(open(os.path.join(world["out"], "report.json")))["models"]["rm_bt"]
     two = json.load(open(os.path.join(out2, "report.json")))["models"]
     assert list(two) == ["rm_bt"]
