@@ -173,6 +173,8 @@ def parse_args(argv=None):
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--save-steps", type=int, default=50, help="resume checkpoint every N steps (0 = end only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
+    p.add_argument("--local_rank", type=int, default=None,
+                   help="set by the deepspeed launcher (the LOCAL_RANK environment variable is what is used)")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                    help="DeepSpeed JSON config; its \"auto\" values are filled from these flags")
     args = p.parse_args(argv)

@@ -114,6 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--norm-stats-pairs", type=int, default=2048,
                    help="train pairs sampled for the per-epoch ||h_w - h_l|| statistics (0 = off)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
+    p.add_argument("--local_rank", type=int, default=None,
+                   help="set by the deepspeed launcher (the LOCAL_RANK environment variable is what is used)")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
                    help="DeepSpeed JSON config; its \"auto\" values are filled from these flags")
     return p.parse_args(argv)
@@ -168,6 +170,15 @@ def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
         half = len(chunks[k]) // 2
         chunks[k: k + 1] = [chunks[k][:half], chunks[k][half:]]
     return chunks
+
+
+def peak_memory_gb(device):
+    """Peak accelerator memory allocated by torch on this rank, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
@@ -361,6 +372,7 @@ def main(argv=None):
                        for k in range(0, len(batch), per_rank))
         t0 = time.time()
         lr_now = scheduler.get_last_lr()[0]
+        token_counts = [0, 0]  # real and processed (padded) tokens of this rank's training forwards
         utils.set_fault_step(step + 1)
 
         def micro_forward(idx):
@@ -371,6 +383,8 @@ def main(argv=None):
             outs = []
             for part in parts:
                 chunk = [seqs[j] for j in part]
+                token_counts[0] += sum(len(q) for q in chunk)
+                token_counts[1] += sum(len(q) for q in chunk) if args.padding_free else len(chunk) * len(chunk[0])
                 if args.padding_free:
                     input_ids, position_ids = utils.pack_batch(chunk, device)
                     outs.append(engine(input_ids, None, position_ids)[0])
@@ -427,12 +441,17 @@ def main(argv=None):
         rewards_all = torch.cat([rc_log, rr_log])
         stats = torch.stack([loss_v, bt_v, (rc_log > rr_log).float().mean(), rewards_all.mean(), rewards_all.std(),
                              (rc_log - rr_log).mean()]).tolist()
+        if world > 1:
+            counts = torch.tensor(token_counts, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(counts)
+            token_counts = counts.tolist()
         dt = time.time() - t0
         n_tokens = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
         row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
                "train/loss": stats[0], "train/loss_bt": stats[1], "train/loss_reg": stats[0] - stats[1],
                "train/accuracy": stats[2], "train/reward_mean": stats[3], "train/reward_std": stats[4],
-               "train/margin_mean": stats[5], "train/lr": lr_now, "train/pairs_per_s": len(batch) / dt, "train/tokens_per_s": n_tokens / dt}
+               "train/margin_mean": stats[5], "train/lr": lr_now, "train/pairs_per_s": len(batch) / dt, "train/tokens_per_s": n_tokens / dt,
+               "train/padding_fraction": 1 - token_counts[0] / token_counts[1], "train/peak_mem_gb": peak_memory_gb(device)}
         log(row)
         utils.maybe_fault("after_step")
         bar.update(1)

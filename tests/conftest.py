@@ -87,13 +87,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_script(args, nproc=1, env=None, timeout=600, check=True):
-    """Run a repo script as the README does: `python x.py` (1 process) or torchrun (n processes, gloo)."""
+def run_script(args, nproc=1, env=None, timeout=600, check=True, launcher="torchrun"):
+    """Run a repo script as the README does: `python x.py` (1 process), or n processes (gloo) under
+    `torchrun` or the `deepspeed` launcher (which also passes --local_rank to the script)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     if nproc == 1:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             full_env.pop(k, None)
         cmd = [sys.executable] + args
+    elif launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={nproc}",
+               f"--master_port={free_port()}"] + args
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}"] + args

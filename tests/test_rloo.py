@@ -271,6 +271,20 @@ def test_killed_run_resumes_to_the_same_end(world, full_run):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_two_process_run_under_the_deepspeed_launcher(world):
+    """`deepspeed --num_gpus 2 rloo.py` (ZeRO-3, gloo): each rank samples its share; the logged step covers all."""
+    d, args, gold = world
+    out = str(d / "two")
+    run_script(args + ["--gold-model", gold, "--out", out, "--micro-batch-size", "2"], nproc=2, launcher="deepspeed")
+    rows = read_metrics(out)
+    train = [r for r in rows if "train/kl" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(set(r) == TRAIN_KEYS for r in train)
+    assert abs(train[0]["train/kl"]) < 1e-6 and any(abs(r["train/kl"]) > 1e-4 for r in train[1:])
+    assert [r["gold/prompts"] for r in rows if "gold/reward" in r] == [6, 6, 6]  # held-out set split over ranks
+    cfg = json.load(open(os.path.join(out, "rloo_config.json")))
+    assert cfg["world_size"] == 2 and cfg["grad_accum"] == 2
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "make_data.py")),
                     reason="make_data.py (gold_reward, the synthetic r*) is not in this checkout yet")
 def test_gold_synthetic_uses_make_data_gold_reward(world):

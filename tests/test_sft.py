@@ -176,3 +176,21 @@ def test_killed_sft_run_resumes_to_the_same_end(sft_run, tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
     wa, wb = load_file(os.path.join(out, "model.safetensors")), load_file(str(tmp_path / "o" / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_two_process_sft_equals_one_process(sft_run, tmp_path):
+    """`deepspeed --num_gpus 2 sft.py` (ZeRO-3, gloo): same per-step losses and weights as the 1-process run."""
+    from safetensors.torch import load_file
+
+    base, data, out, _ = sft_run
+    two = str(tmp_path / "two")
+    run_script(["sft.py", "--model", base, "--train-file", data, "--eval-file", data, "--out", two,
+                "--global-batch-size", "16", "--micro-batch-size", "2", "--lr", "3e-3", "--epochs", "2",
+                "--save-steps", "0"], nproc=2, launcher="deepspeed")
+    one_rows = [r for r in read_metrics(out) if "train/loss" in r]
+    two_rows = [r for r in read_metrics(two) if "train/loss" in r]
+    assert [r["train/loss"] for r in two_rows] == pytest.approx([r["train/loss"] for r in one_rows], rel=1e-5)
+    assert [r["train/tokens"] for r in two_rows] == [r["train/tokens"] for r in one_rows]
+    wa, wb = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")

@@ -23,10 +23,10 @@ def data(tmp_path_factory):
             "eval": write_pairs(str(root / "eval.jsonl"), 12, seed=1)}
 
 
-def train(out, model, data, *extra, nproc=1, micro=8, env=None, check=True):
+def train(out, model, data, *extra, nproc=1, micro=8, env=None, check=True, launcher="torchrun"):
     args = ["train_rm.py", "--model", model, "--train-file", data["train"], "--eval-file", data["eval"],
             "--out", str(out), "--micro-batch-size", str(micro)] + COMMON + list(extra)
-    return run_script(args, nproc=nproc, env=env, check=check)
+    return run_script(args, nproc=nproc, env=env, check=check, launcher=launcher)
 
 
 def weights(out):
@@ -58,8 +58,9 @@ def bsr_run(tiny_llama, data, tmp_path_factory):
 
 
 def test_two_process_zero3_bsr_equals_one_process(bsr_run, tiny_llama, data, tmp_path):
+    """Launched exactly as the README does: `deepspeed --num_gpus 2 train_rm.py ...` (gloo on CPU)."""
     out = tmp_path / "bsr_2p"
-    train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", nproc=2, micro=4)
+    train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", nproc=2, micro=4, launcher="deepspeed")
     assert len(train_losses(out)) == 8
     assert train_losses(out) == pytest.approx(train_losses(bsr_run), rel=1e-5, abs=1e-6)
     assert_same_weights(out, bsr_run, atol=2e-5)
@@ -83,6 +84,7 @@ def test_chunked_padding_free_forwards_change_nothing_on_two_processes(bsr_run, 
           "--padding-free", nproc=2, micro=4)
     assert train_losses(out) == pytest.approx(train_losses(bsr_run), rel=1e-5, abs=1e-6)
     assert_same_weights(out, bsr_run, atol=2e-5)
+    assert all(r["train/padding_fraction"] == 0 for r in read_metrics(out) if "train/loss" in r)  # packed
 
 
 def test_forward_chunk_planning():
@@ -168,9 +170,11 @@ def test_metrics_have_every_key_and_the_schedule_is_warmup_then_linear_decay(bsr
     steps = [r for r in rows if "train/loss" in r]
     epochs = [r for r in rows if "epoch/wp_norm" in r]
     keys = {"train/loss", "train/loss_bt", "train/loss_reg", "train/accuracy", "train/reward_mean",
-            "train/reward_std", "train/margin_mean", "train/lr", "train/pairs_per_s", "train/tokens_per_s"}
+            "train/reward_std", "train/margin_mean", "train/lr", "train/pairs_per_s", "train/tokens_per_s",
+            "train/padding_fraction", "train/peak_mem_gb"}
     assert all(keys <= set(r) for r in steps) and [r["step"] for r in steps] == list(range(1, 9))
     for r in steps:
+        assert 0 < r["train/padding_fraction"] < 1  # one padded forward per step over pairs of varied length
         assert r["train/loss_reg"] == pytest.approx(r["train/loss"] - r["train/loss_bt"], abs=1e-7)
         assert r["train/loss_reg"] >= 0  # lam * mean^2
     # 8 steps, warmup 0.25 -> 2 warmup steps: 0.5, 1.0, then (8 - s) / 6
