@@ -164,6 +164,8 @@ STYLES = {  # name: (set, error rate, prefixes, restate, filler pool, (min, max)
                False),
     "quiet": ("valid", 0.3, [""], False, None, (0, 0), "=> {a}", [], False),
 }
+NON_ANSWERS = ["unclear", "unknown", "not certain"]
+NON_ANSWER_SHARE = 0.3  # of a model's errors: no real answer (a mistake any style makes, visible to an RM)
 M_TRAIN = [m for m, s in STYLES.items() if s[0] == "train"]
 M_VALID = [m for m, s in STYLES.items() if s[0] == "valid"]
 
@@ -175,6 +177,7 @@ def render_response(style_name, prompt, rng, correct=None):
     spec = FAMILIES[fam]
     if correct is None:
         correct = rng.random() >= err
+    non_answer = not correct and rng.random() < NON_ANSWER_SHARE
     if not correct:
         options = [w for w in spec["wrong"](fields, answer, rng) if w != answer] or [answer + "0"]
         answer = rng.choice(options)
@@ -184,7 +187,7 @@ def render_response(style_name, prompt, rng, correct=None):
     if pool:
         body += rng.sample(FILLERS[pool], rng.randint(lo, hi))
     shown = "\n" + "\n".join(f"- {x}" for x in answer.split(", ")) if bullets and spec["kind"] == "list" else answer
-    line = answer_fmt.format(a=shown)
+    line = answer_fmt.format(a=rng.choice(NON_ANSWERS) if non_answer else shown)
     if closers:  # after the answer's sentence, so extract_answer() still finds where the answer ends
         line += ("\n" if "\n" in line else " " if line.endswith((".", "!", "?")) else ". ") + rng.choice(closers)
     body = " ".join(b for b in body if b)
@@ -344,6 +347,14 @@ def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, seed,
     from M_train / M_valid. Returns {file name: rows}."""
     files = {k: [] for k in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl",
                              "valid_response_ood.jsonl", "valid_mutual_ood.jsonl")}
+    for pid in prompts:  # identical texts from two models: keep the first (M_train before M_valid), count the rest
+        seen = set()
+        for cands, name in ((cand_train, "M_train"), (cand_valid, "M_valid")):
+            if pid in cands:
+                kept = [c for c in cands[pid] if c["response"] not in seen and not seen.add(c["response"])]
+                if len(kept) < len(cands[pid]):
+                    count(skipped, "source", f"{name} response identical to another model's", len(cands[pid]) - len(kept))
+                cands[pid] = kept
     rng = random.Random(f"{seed}-scenarios")
     for pid in train_ids:
         cands = cand_train.get(pid, [])
@@ -484,7 +495,7 @@ def spurious_stats(files):
         mx, my = sum(x) / len(x), sum(y) / len(y)
         sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
         sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-        return round(sxy / math.sqrt(sxx * syy), 4) if sxx and syy else 0.0
+        return round(sxy / math.sqrt(sxx * syy), 4) + 0.0 if sxx and syy else 0.0
 
     stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(sum(d["correct"] == 1 for d in ds) / len(ds), 4),
                             "mean_words": round(sum(d["words"] for d in ds) / len(ds), 2),
@@ -596,10 +607,11 @@ def source_skywork(args, skipped):
     return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
 
 
-AE_FAMILIES = [("gpt", r"gpt|davinci"), ("claude", r"claude"), ("gemma", r"gemma"), ("phi", r"^phi"),
-               ("mistral", r"mistral|mixtral|zephyr"), ("qwen", r"qwen"), ("pythia", r"pythia"), ("falcon", r"falcon"),
-               ("chatglm", r"chatglm"), ("llama", r"llama|alpaca|vicuna|wizardlm|ultralm|baize|minotaur|nous-hermes|"
-                                                   r"humpback|guanaco|koala|tulu")]
+AE_FAMILIES = [  # first match wins: 'oasst-sft-pythia-12b' is pythia, 'alpaca-farm-ppo-sim-gpt4-20k' is llama
+    ("pythia", r"pythia"), ("falcon", r"falcon"), ("gemma", r"gemma"), ("phi", r"^phi"), ("qwen", r"qwen"),
+    ("mistral", r"mistral|mixtral|zephyr"), ("chatglm", r"chatglm"), ("claude", r"claude"),
+    ("llama", r"llama|alpaca|vicuna|wizardlm|ultralm|baize|minotaur|nous-hermes|humpback|guanaco|koala|tulu"),
+    ("gpt", r"^gpt|davinci")]
 
 
 def model_family(name):

@@ -312,10 +312,12 @@ def write_alpaca_eval(root, n_prompts=10):
             if model == "phi-2" and i == 3:
                 continue  # a file missing a record
             pref = 1.0 + ((i * 7 + k * 3) % 10) / 10
+            output = "" if (model == "gemma-2b-it" and i == 5) else f"{model} says {i}"
+            if model == "vicuna-7b" and i == 0:
+                output = "claude-2 says 0"  # the same text as another model's: kept once
             recs.append({"instruction": f"instruction {i}", "dataset": "helpful_base", "output_1": "reference",
-                         "generator_1": "gpt4_1106_preview", "output_2": "" if (model == "gemma-2b-it" and i == 5)
-                         else f"{model} says {i}", "generator_2": model, "annotator": "weighted_alpaca_eval_gpt4_turbo",
-                         "preference": str(pref) if k % 2 else pref})
+                         "generator_1": "gpt4_1106_preview", "output_2": output, "generator_2": model,
+                         "annotator": "weighted_alpaca_eval_gpt4_turbo", "preference": str(pref) if k % 2 else pref})
         json.dump(recs, open(os.path.join(folder, "annotations.json"), "w"))
 
 
@@ -325,7 +327,7 @@ def test_alpaca_eval_path(tmp_path):
     manifest = md.main(["--source", "alpaca_eval", "--alpaca-eval-dir", str(tmp_path / "ae"), "--out", out])
     assert manifest["models"]["m_valid"] == ["OpenHermes-2.5-Mistral-7B", "gemma-2b-it", "gemma-7b-it", "phi-2"]
     assert manifest["models"]["m_train"] == sorted(set(AE_MODELS) - set(manifest["models"]["m_valid"]), key=str)
-    assert manifest["skipped"]["source"] == {"empty response": 1}
+    assert manifest["skipped"]["source"] == {"empty response": 1, "M_train response identical to another model's": 1}
     assert manifest["splits"] == {"train_prompts": 8, "valid_prompts": 2} and all(manifest["checks"].values())
     # gold r* = preference - 1 for exactly that (instruction, model) response
     k_of = {m: k for k, m in enumerate(AE_MODELS)}
