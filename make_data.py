@@ -20,6 +20,7 @@ The folder is written atomically: a crash leaves the previous folder (or none), 
 """
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -302,6 +303,18 @@ def count(skipped, file, reason, n=1):
     skipped[file][reason] = skipped[file].get(reason, 0) + n
 
 
+def responses_of(row):
+    return [row["chosen"], row["rejected"]] if "chosen" in row else row.get("responses", [])
+
+
+def models_of(row):
+    return [row["chosen_model"], row["rejected_model"]] if "chosen" in row else row.get("models", [])
+
+
+def train_pairs(files):
+    return {(json.dumps(r["prompt"]), json.dumps(y)) for r in files.get("train.jsonl", []) for y in responses_of(r)}
+
+
 def pair_up(cands, n_pairs, rng):
     """Random disjoint pairs of candidates {model, response, score} whose gold scores differ.
 
@@ -380,15 +393,11 @@ def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, seed,
 
 def drop_train_overlap(files, skipped):
     """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
-    seen = {(json.dumps(r["prompt"]), json.dumps(r[k])) for r in files.get("train.jsonl", []) for k in ("chosen", "rejected")}
+    seen = train_pairs(files)
     for name in [n for n in files if n.startswith("valid_")]:
-        keep = []
-        for r in files[name]:
-            resp = [r["chosen"], r["rejected"]] if "chosen" in r else r["responses"]
-            if any((json.dumps(r["prompt"]), json.dumps(x)) in seen for x in resp):
-                count(skipped, name, "a response also in train.jsonl for the same prompt")
-            else:
-                keep.append(r)
+        keep = [r for r in files[name] if not any((json.dumps(r["prompt"]), json.dumps(y)) in seen for y in responses_of(r))]
+        if len(keep) < len(files[name]):
+            count(skipped, name, "a response also in train.jsonl for the same prompt", len(files[name]) - len(keep))
         files[name] = keep
 
 
@@ -398,19 +407,14 @@ def split_checks(files, m_train, m_valid):
         return {json.dumps(r["prompt"]) for r in files.get(name, [])}
 
     def models(name):
-        return {m for r in files.get(name, []) for m in
-                ([r["chosen_model"], r["rejected_model"]] if "chosen" in r else r["models"])}
+        return {m for r in files.get(name, []) for m in models_of(r)}
 
     train_p = prompts("train.jsonl") | prompts("valid_id.jsonl")
     unseen = prompts("valid_prompt_ood.jsonl") | prompts("valid_mutual_ood.jsonl")
     rl = prompts("rl_prompts.jsonl")
-    train_pairs = {(json.dumps(r["prompt"]), json.dumps(r[k])) for r in files.get("train.jsonl", [])
-                   for k in ("chosen", "rejected")}
-    overlap = 0
-    for name in [n for n in files if n.startswith("valid_")]:
-        for r in files[name]:
-            overlap += sum((json.dumps(r["prompt"]), json.dumps(x)) in train_pairs
-                           for x in ([r["chosen"], r["rejected"]] if "chosen" in r else r["responses"]))
+    seen = train_pairs(files)
+    overlap = sum((json.dumps(r["prompt"]), json.dumps(y)) in seen for name in files if name.startswith("valid_")
+                  for r in files[name] for y in responses_of(r))
     seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
     new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
     return {
@@ -425,6 +429,8 @@ def split_checks(files, m_train, m_valid):
 
 
 def split_prompts(pids, n_train, seed):
+    if not 0 < n_train < len(pids):
+        raise SystemExit(f"--train-prompts {n_train}: need 0 < X_train < {len(pids)} prompts (the rest is X_valid)")
     order = sorted(pids)
     random.Random(f"{seed}-split").shuffle(order)
     return order[:n_train], order[n_train:]
@@ -483,9 +489,7 @@ def spurious_stats(files):
     for name in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl", "valid_response_ood.jsonl",
                  "valid_mutual_ood.jsonl"):
         for r in files[name]:
-            items = ([(r["chosen"], r["chosen_model"]), (r["rejected"], r["rejected_model"])] if "chosen" in r
-                     else list(zip(r["responses"], r["models"])))
-            for resp, m in items:
+            for resp, m in zip(responses_of(r), models_of(r)):
                 d = gold_details(r["prompt"], resp)
                 per_model.setdefault(m, []).append(d)
                 sets["m_train" if STYLES[m][0] == "train" else "m_valid"].append(d)
@@ -784,7 +788,7 @@ def generate_responses(args, prompts, skipped):
             use_vllm = torch.cuda.is_available()
         except ImportError:
             use_vllm = False
-    pids = sorted(prompts)
+    pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
     out = {pid: [] for pid in pids}
     for name in models:
         conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
@@ -797,6 +801,7 @@ def generate_responses(args, prompts, skipped):
                                     max_tokens=args.max_new_tokens, seed=args.seed)
             texts = [[o.text for o in r.outputs] for r in llm.chat(conversations, params, use_tqdm=True)]
             del llm
+            gc.collect()
         else:
             from transformers import AutoModelForCausalLM
 
@@ -823,16 +828,10 @@ def generate_responses(args, prompts, skipped):
             torch.cuda.empty_cache()
         for pid, ts in zip(pids, texts):
             out[pid] += [{"model": model_name(name), "response": t.strip()} for t in ts]
-    for pid in pids:  # empty or repeated generations cannot be ranked: dropped, counted
-        kept, seen = [], set()
-        for c in out[pid]:
-            if not c["response"]:
-                count(skipped, "generation", "empty generated response")
-            elif c["response"] in seen:
-                count(skipped, "generation", "repeated generated response")
-            else:
-                kept.append(c)
-                seen.add(c["response"])
+    for pid in pids:  # an empty generation cannot be ranked: dropped, counted (repeats: see build_scenarios)
+        kept = [c for c in out[pid] if c["response"]]
+        if len(kept) < len(out[pid]):
+            count(skipped, "source", "empty generated response", len(out[pid]) - len(kept))
         out[pid] = kept
     return out
 
@@ -1018,8 +1017,8 @@ def main(argv=None):
         raise SystemExit(f"data error: {e}") from None
     drop_train_overlap(files, skipped)
     checks = split_checks(files, m_train, m_valid)
-    if args.source != "jsonl" and not all(checks.values()):
-        raise SystemExit(f"internal error: split checks failed {checks}")
+    if args.source != "jsonl" and not all(checks.values()):  # by construction; a model in both sets fails here
+        raise SystemExit(f"split checks failed: {[k for k, v in checks.items() if not v]}; models {m_train} / {m_valid}")
     for name, ok in checks.items():
         if not ok:
             print(f"[warning] check failed: {name}")
@@ -1048,9 +1047,8 @@ def print_summary(args, files, manifest):
     print(f"| {'file':<26} | {'rows':>7} | {'prompts':>7} | models")
     print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|-------")
     for name, rows in files.items():
-        models = sorted({str(m) for r in rows for m in (r.get("models") or [r.get("chosen_model"), r.get("rejected_model")])
-                         if m is not None}) if rows and "messages" not in rows[0] and ("models" in rows[0] or "chosen" in rows[0]) else []
-        n_prompts = len({r["prompt_id"] for r in rows}) if rows and "prompt_id" in rows[0] else len(rows)
+        models = sorted({str(m) for r in rows for m in models_of(r) if m is not None})
+        n_prompts = len({r.get("prompt_id", i) for i, r in enumerate(rows)})
         print(f"| {name:<26} | {len(rows):>7} | {n_prompts:>7} | {', '.join(models)[:70]}")
     for name, reasons in manifest["skipped"].items():
         for reason, n in reasons.items():
