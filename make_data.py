@@ -106,14 +106,15 @@ FAMILIES = {
     "upper": dict(kind="text", templates=["Write '{p}' in capital letters.", "Convert '{p}' to uppercase."],
                   fields=lambda r: {"p": " ".join(r.sample(WORDS, r.randint(2, 3)))}, solve=lambda f: f["p"].upper(),
                   restate="Every letter of '{p}' becomes a capital.",
-                  wrong=lambda f, ans, r: [f["p"], f["p"].title(), ans.split(" ")[0] + " " + " ".join(f["p"].split(" ")[1:])]),
+                  wrong=lambda f, ans, r: [f["p"], f["p"].title(),
+                                           " ".join([ans.split(" ")[0]] + f["p"].split(" ")[1:])]),
     "wordcount": dict(kind="int", templates=["How many words are in the sentence '{s}'?", "Count the words in '{s}'."],
                       fields=lambda r: {"s": " ".join(r.choice(WORDS) for _ in range(r.randint(3, 8)))},
                       solve=lambda f: str(len(f["s"].split())), restate="We need to count the words of '{s}'.",
                       wrong=lambda f, ans, r: [_near(int(ans), r, lo=1), str(len(f["s"].replace(" ", "")))]),
 }
-FIELD_RE = {"a": r"\d+", "b": r"\d+", "nums": r"\d+(?:, \d+)*", "w": r"[a-z]+", "c": r"[a-z]", "p": r"[a-z]+(?: [a-z]+)*",
-            "s": r"[a-z]+(?: [a-z]+)*"}
+FIELD_RE = {"a": r"\d+", "b": r"\d+", "nums": r"\d+(?:, \d+)*", "w": r"[a-z]+", "c": r"[a-z]",
+            "p": r"[a-z]+(?: [a-z]+)*", "s": r"[a-z]+(?: [a-z]+)*"}
 
 
 def _template_regex(template):
@@ -147,7 +148,8 @@ FILLERS = {
           "Let us not rush.", "It reminds me of school.", "Anyway, moving along."],
     "D": ["Quick one.", "No problem at all.", "I had a look.", "That was easy enough.", "Got it."],
 }
-STYLES = {  # name: (set, error rate, prefixes, restate, filler pool, (min, max) fillers, answer format, closers, bullets)
+# name: (set, error rate, prefixes, restate?, filler pool, (min, max) fillers, answer format, closers, bullet lists?)
+STYLES = {
     "snap": ("train", 0.6, [""], False, None, (0, 0), "{a}", [], False),
     "brief": ("train", 0.5, [""], False, None, (0, 0), "Answer: {a}", [], False),
     "plain": ("train", 0.38, ["", "Okay."], False, "A", (0, 1), "The answer is {a}.", [], False),
@@ -366,7 +368,8 @@ def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, seed,
             if pid in cands:
                 kept = [c for c in cands[pid] if c["response"] not in seen and not seen.add(c["response"])]
                 if len(kept) < len(cands[pid]):
-                    count(skipped, "source", f"{name} response identical to another model's", len(cands[pid]) - len(kept))
+                    count(skipped, "source", f"{name} response identical to another model's",
+                          len(cands[pid]) - len(kept))
                 cands[pid] = kept
     rng = random.Random(f"{seed}-scenarios")
     for pid in train_ids:
@@ -395,7 +398,8 @@ def drop_train_overlap(files, skipped):
     """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
     seen = train_pairs(files)
     for name in [n for n in files if n.startswith("valid_")]:
-        keep = [r for r in files[name] if not any((json.dumps(r["prompt"]), json.dumps(y)) in seen for y in responses_of(r))]
+        keep = [r for r in files[name]
+                if not any((json.dumps(r["prompt"]), json.dumps(y)) in seen for y in responses_of(r))]
         if len(keep) < len(files[name]):
             count(skipped, name, "a response also in train.jsonl for the same prompt", len(files[name]) - len(keep))
         files[name] = keep
@@ -453,8 +457,8 @@ def rl_prompt_files(prompts, valid_ids, n_eval, seed):
 
 def source_synthetic(args, skipped):
     if args.pairs_per_prompt * 2 + 2 > len(M_TRAIN):
-        raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(M_TRAIN)} M_train models, "
-                         f"enough for at most {(len(M_TRAIN) - 2) // 2} pairs per prompt")
+        raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(M_TRAIN)} M_train "
+                         f"models, enough for at most {(len(M_TRAIN) - 2) // 2} pairs per prompt")
     from tqdm import tqdm
 
     texts = make_prompts(args.num_prompts, args.seed)
@@ -501,9 +505,11 @@ def spurious_stats(files):
         sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
         return round(sxy / math.sqrt(sxx * syy), 4) + 0.0 if sxx and syy else 0.0
 
-    stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(sum(d["correct"] == 1 for d in ds) / len(ds), 4),
-                            "mean_words": round(sum(d["words"] for d in ds) / len(ds), 2),
-                            "mean_gold": round(sum(d["reward"] for d in ds) / len(ds), 4)}
+    def mean(ds, key):
+        return sum(d[key] == 1 if key == "correct" else d[key] for d in ds) / len(ds)
+
+    stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(mean(ds, "correct"), 4),
+                            "mean_words": round(mean(ds, "words"), 2), "mean_gold": round(mean(ds, "reward"), 4)}
                         for m, ds in sorted(per_model.items())}}
     for s, ds in sets.items():
         if ds:
@@ -541,7 +547,8 @@ def source_ultrafeedback(args, skipped):
                 raise DataError(f"{where}: field 'completions'[{j}] must be an object")
             resp, model = c.get("response"), c.get("model")
             if not isinstance(resp, str):
-                raise DataError(f"{where}: field 'completions'[{j}].response must be a string, got {type(resp).__name__}")
+                raise DataError(f"{where}: field 'completions'[{j}].response must be a string, "
+                                f"got {type(resp).__name__}")
             if not isinstance(model, str):
                 raise DataError(f"{where}: field 'completions'[{j}].model must be a string, got {type(model).__name__}")
             cands.append({"model": model, "response": resp})
@@ -578,6 +585,11 @@ def source_ultrafeedback(args, skipped):
                                      "train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, {}
 
 
+def _flat(msgs, role):
+    """A single message of this role -> its text; anything longer stays a message list."""
+    return msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == role else msgs
+
+
 def source_skywork(args, skipped):
     """Skywork-Reward-Preference-80K-v0.2 (chosen/rejected conversations) -> train.jsonl with the dataset's labels.
     With --gold-model the pairs are also scored (scores written, labels kept; agreement in the manifest)."""
@@ -596,10 +608,9 @@ def source_skywork(args, skipped):
         if not prompt:
             count(skipped, "train.jsonl", "no prompt (no shared leading message)")
             continue
-        flat = lambda msgs, role: msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == role else msgs  # noqa: E731
-        p = flat(prompt, "user")
-        rows.append({"prompt_id": prompt_id("sky", p), "prompt": p, "chosen": flat(chosen, "assistant"),
-                     "rejected": flat(rejected, "assistant"), "chosen_score": None, "rejected_score": None,
+        p = _flat(prompt, "user")
+        rows.append({"prompt_id": prompt_id("sky", p), "prompt": p, "chosen": _flat(chosen, "assistant"),
+                     "rejected": _flat(rejected, "assistant"), "chosen_score": None, "rejected_score": None,
                      "chosen_model": None, "rejected_model": None})
     extra = {}
     if args.gold_model:
@@ -607,7 +618,8 @@ def source_skywork(args, skipped):
         s = score([(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")])
         for i, r in enumerate(rows):
             r["chosen_score"], r["rejected_score"] = s[2 * i], s[2 * i + 1]
-        extra["gold_agrees_with_labels"] = round(sum(r["chosen_score"] > r["rejected_score"] for r in rows) / max(1, len(rows)), 4)
+        agree = sum(r["chosen_score"] > r["rejected_score"] for r in rows)
+        extra["gold_agrees_with_labels"] = round(agree / max(1, len(rows)), 4)
     return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
 
 
@@ -625,7 +637,7 @@ def model_family(name):
 def source_alpaca_eval(args, skipped):
     """AlpacaEval results/<model>/<annotator>/annotations.json: gold r* = preference - 1 for (instruction, output_2)."""
     if not args.alpaca_eval_dir:
-        raise SystemExit("--source alpaca_eval needs --alpaca-eval-dir DIR (a folder laid out like AlpacaEval's results/)")
+        raise SystemExit("--source alpaca_eval needs --alpaca-eval-dir DIR (laid out like AlpacaEval's results/)")
     root = os.path.join(args.alpaca_eval_dir, "results")
     root = root if os.path.isdir(root) else args.alpaca_eval_dir
     if not os.path.isdir(root):
@@ -657,7 +669,8 @@ def source_alpaca_eval(args, skipped):
             try:
                 pref = float(rec.get("preference"))
             except (TypeError, ValueError):
-                raise DataError(f"{where}: field 'preference' must be a number, got {rec.get('preference')!r}") from None
+                raise DataError(f"{where}: field 'preference' must be a number, "
+                                f"got {rec.get('preference')!r}") from None
             if math.isnan(pref):
                 count(skipped, "source", "preference is NaN")
             elif not out.strip():
@@ -683,15 +696,17 @@ def source_alpaca_eval(args, skipped):
     prompts = {prompt_id("ae", p): p for p in by_prompt}
     cand_train, cand_valid = {}, {}
     for pid, p in prompts.items():
-        cand_train[pid] = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items()) if m in m_train]
-        cand_valid[pid] = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items()) if m in m_valid]
+        cands = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items())]
+        cand_train[pid] = [c for c in cands if c["model"] in m_train]
+        cand_valid[pid] = [c for c in cands if c["model"] in m_valid]
     n_train = args.train_prompts or round(0.8 * len(prompts))
     train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
     files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
                             skipped)
     files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
     families = {m: model_family(m) for m in models}
-    return files, m_train, m_valid, {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, {"families": families}
+    splits = {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}
+    return files, m_train, m_valid, splits, {"families": families}
 
 
 def _pairs_file(path, skipped, name):
@@ -708,10 +723,10 @@ def _pairs_file(path, skipped, name):
             if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
                 raise DataError(f"{where}: field '{k}' must be a number or null, got {s!r}")
         if None not in scores and scores[0] <= scores[1]:
-            raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than 'rejected_score' ({scores[1]})")
-        out = {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
-        if "prompt" not in out:  # conversations without a prompt field: write the split form
-            out = {"prompt": parsed[0], "chosen": parsed[1], "rejected": parsed[2]}
+            raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than "
+                            f"'rejected_score' ({scores[1]})")
+        out = {k: row[k] for k in ("prompt", "chosen", "rejected")} if row.get("prompt") is not None else {
+            "prompt": parsed[0], "chosen": parsed[1], "rejected": parsed[2]}  # conversations: write the split form
         as_messages(out["prompt"], "user", where, "prompt")
         rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", out["prompt"]), **out,
                      "chosen_score": scores[0], "rejected_score": scores[1],
@@ -780,7 +795,8 @@ def generate_responses(args, prompts, skipped):
 
     models = [m.strip() for m in args.new_models.split(",") if m.strip()]
     if len(models) * args.samples_per_model < 4:
-        raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model} < 4 responses per prompt")
+        raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
+                         "fewer than 4 responses per prompt")
     use_vllm = args.generator == "vllm"
     if args.generator == "auto":
         try:
@@ -900,8 +916,8 @@ def label_with_gold(args, prompts, cand_dicts):
 # The tiny base model of the toy world (byte-level BPE tokenizer + random-init Llama), HF format
 # ===================================================================================================
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def build_base_model(path, texts, args):
@@ -968,17 +984,20 @@ def parse_args(argv=None):
     g.add_argument("--dataset", default=None, help="hub id or local JSONL/folder (default: openbmb/UltraFeedback or "
                                                    "Skywork/Skywork-Reward-Preference-80K-v0.2)")
     g.add_argument("--split", default="train", help="dataset split")
-    g.add_argument("--gold-model", default=None, help="gold RM r* (ultrafeedback default: RLHFlow/ArmoRM-Llama3-8B-v0.1; "
-                                                      "skywork: optional, scores the pairs)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow the gold/new models' own code (ArmoRM needs it)")
+    g.add_argument("--gold-model", default=None,
+                   help="gold RM r* (ultrafeedback default: RLHFlow/ArmoRM-Llama3-8B-v0.1; skywork: optional)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the gold/new models' own code (ArmoRM needs it)")
     g.add_argument("--gold-batch-size", type=int, default=16, help="sequences per gold-RM forward")
     g.add_argument("--gold-max-length", type=int, default=4096, help="tokens per gold-RM input (longer: keep the end)")
     g.add_argument("--new-models", default="google/gemma-2-2b-it,allenai/OLMo-2-1124-7B-Instruct,"
                                            "HuggingFaceTB/SmolLM2-1.7B-Instruct,mistralai/Mistral-7B-Instruct-v0.2",
                    help="comma-separated M_valid generators for response-/mutual-OOD (ultrafeedback)")
     g.add_argument("--samples-per-model", type=int, default=1, help="responses per prompt from each new model")
-    g.add_argument("--ood-prompts", type=int, default=None, help="cap on prompts of each generated OOD file (default all)")
-    g.add_argument("--generator", choices=("auto", "vllm", "hf"), default="auto", help="auto: vLLM if installed and a GPU")
+    g.add_argument("--ood-prompts", type=int, default=None,
+                   help="cap on prompts of each generated OOD file (default all)")
+    g.add_argument("--generator", choices=("auto", "vllm", "hf"), default="auto",
+                   help="auto: vLLM if installed and a GPU, else transformers")
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel GPUs")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
@@ -1009,6 +1028,9 @@ def main(argv=None):
     args = parse_args(argv)
     import utils
 
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "manifest.json")):
+        raise SystemExit(f"--out {args.out} is a non-empty folder that make_data.py did not write; it would be "
+                         "replaced as a whole: choose a new folder")
     utils.quiet_libraries()
     skipped = {}
     try:
@@ -1018,7 +1040,8 @@ def main(argv=None):
     drop_train_overlap(files, skipped)
     checks = split_checks(files, m_train, m_valid)
     if args.source != "jsonl" and not all(checks.values()):  # by construction; a model in both sets fails here
-        raise SystemExit(f"split checks failed: {[k for k, v in checks.items() if not v]}; models {m_train} / {m_valid}")
+        failed = [k for k, v in checks.items() if not v]
+        raise SystemExit(f"split checks failed: {failed}; M_train {m_train}, M_valid {m_valid}")
     for name, ok in checks.items():
         if not ok:
             print(f"[warning] check failed: {name}")

@@ -236,9 +236,10 @@ def uf_row(i, responses, instruction=None):
     return {"source": "evol_instruct", "instruction": instruction or f"question number {i} about the cat and dog",
             "models": [f"uf-model-{j}" for j in range(len(responses))], "correct_answers": ["none"],
             "incorrect_answers": ["none"],
-            "completions": [{"annotations": {"helpfulness": {"Rating": "4"}}, "critique": "ok", "custom_system_prompt": "",
-                             "fine-grained_score": 4.0, "model": f"uf-model-{j}", "overall_score": 7.0,
-                             "principle": "helpfulness", "response": r} for j, r in enumerate(responses)]}
+            "completions": [{"annotations": {"helpfulness": {"Rating": "4"}}, "critique": "ok",
+                             "custom_system_prompt": "", "fine-grained_score": 4.0, "model": f"uf-model-{j}",
+                             "overall_score": 7.0, "principle": "helpfulness", "response": r}
+                            for j, r in enumerate(responses)]}
 
 
 def test_ultrafeedback_path(tmp_path, gold_rm):
@@ -383,7 +384,8 @@ def test_jsonl_source_validates_and_copies(tmp_path):
                                         {"prompt": "p4", "responses": ["only"], "gold_scores": [1]}])
     out = str(tmp_path / "out")
     m = md.main(["--source", "jsonl", "--train-file", train, "--prompt-ood-file", rank, "--out", out])
-    assert m["skipped"] == {"train.jsonl": {"chosen == rejected": 1}, "valid_prompt_ood.jsonl": {"fewer than 2 responses": 1}}
+    assert m["skipped"] == {"train.jsonl": {"chosen == rejected": 1},
+                            "valid_prompt_ood.jsonl": {"fewer than 2 responses": 1}}
     t = rows(out, "train.jsonl")
     assert len(t) == 1 and set(t[0]) == CONTRACT_PAIR and t[0]["chosen_score"] == 2
     assert rows(out, "valid_prompt_ood.jsonl")[0]["gold_scores"] == [1, 2, 3]
@@ -403,6 +405,13 @@ def test_jsonl_bad_input_names_file_line_field(tmp_path, objs, match):
     with pytest.raises(SystemExit, match=r"data error: .*" + match):
         md.main(["--source", "jsonl", "--train-file", train, "--out", str(tmp_path / "out")])
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
+
+
+def test_out_folder_of_something_else_is_not_replaced(tmp_path):
+    (tmp_path / "keep.txt").write_text("a run of another stage")
+    with pytest.raises(SystemExit, match="did not write"):
+        md.main(["--out", str(tmp_path), "--num-prompts", "50"])
+    assert (tmp_path / "keep.txt").read_text() == "a run of another stage"
 
 
 def test_real_sources_bad_input(tmp_path):
