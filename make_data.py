@@ -874,6 +874,11 @@ def gold_scorer(args):
     import utils
 
     name = args.gold_model
+    if args.trust_remote_code:  # ArmoRM's code imports a docstring constant that transformers 5 no longer has
+        from transformers.models.llama import modeling_llama
+
+        if not hasattr(modeling_llama, "LLAMA_INPUTS_DOCSTRING"):
+            modeling_llama.LLAMA_INPUTS_DOCSTRING = ""
     config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}) and not args.trust_remote_code:
         raise SystemExit(f"--gold-model {name} ships its own model code (e.g. ArmoRM's gating head); without it the "

@@ -436,17 +436,85 @@ def test_real_sources_bad_input(tmp_path):
         md.main(["--source", "alpaca_eval", "--alpaca-eval-dir", str(ae), "--out", str(tmp_path / "o")])
 
 
-def test_gold_model_with_custom_code_needs_the_flag(tmp_path, gold_rm):
-    import shutil
+CUSTOM_RM = """
+from dataclasses import dataclass
+from typing import Optional
 
-    path = str(tmp_path / "armo_like")
-    shutil.copytree(gold_rm, path)
-    cfg = json.load(open(os.path.join(path, "config.json")))
-    cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"}
-    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
-    args = md.parse_args(["--out", "x", "--gold-model", path])
-    with pytest.raises(SystemExit, match="--trust-remote-code"):
-        md.gold_scorer(args)
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.models.llama.modeling_llama import LLAMA_INPUTS_DOCSTRING  # noqa: F401  (ArmoRM's code does this)
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class GatedOutput(ModelOutput):
+    score: Optional[torch.FloatTensor] = None
+    rewards: Optional[torch.FloatTensor] = None
+
+
+class TinyGatedRM(LlamaPreTrainedModel):
+    # ArmoRM's interface: several objective rewards read before the first pad, a preference `score`
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, 3, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        h = self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+        last = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[-1]
+        rewards = self.regression_layer(h[torch.arange(len(h)), last])
+        return GatedOutput(score=rewards @ torch.tensor([1.0, -0.5, 2.0]), rewards=rewards)
+"""
+
+
+@pytest.fixture(scope="module")
+def custom_rm(tmp_path_factory):
+    """A gold RM that ships its own code (auto_map), like RLHFlow/ArmoRM-Llama3-8B-v0.1."""
+    import importlib.util
+
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("custom_rm")
+    (path / "modeling_tiny_gated.py").write_text(CUSTOM_RM)
+    tok = make_tokenizer(str(path))
+    spec = importlib.util.spec_from_file_location("modeling_tiny_gated", path / "modeling_tiny_gated.py")
+    from transformers.models.llama import modeling_llama
+
+    modeling_llama.LLAMA_INPUTS_DOCSTRING = ""  # only to build the weights here; make_data must do this itself
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    del modeling_llama.LLAMA_INPUTS_DOCSTRING
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = module.TinyGatedRM(config).eval()
+    model.save_pretrained(str(path))
+    cfg = json.load(open(path / "config.json"))
+    cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_tiny_gated.TinyGatedRM"}
+    json.dump(cfg, open(path / "config.json", "w"))
+    return str(path), model, tok
+
+
+def test_gold_model_with_custom_code(tmp_path, custom_rm):
+    path, model, tok = custom_rm
+    data = write(tmp_path / "sky.jsonl", [{"chosen": [{"role": "user", "content": f"q {i}"},
+                                                      {"role": "assistant", "content": "yes " * (i + 1)}],
+                                           "rejected": [{"role": "user", "content": f"q {i}"},
+                                                        {"role": "assistant", "content": "no"}]} for i in range(5)])
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match="--trust-remote-code"):  # without the flag: a wrong head, so refused
+        md.main(["--source", "skywork", "--dataset", data, "--out", out, "--gold-model", path])
+    md.main(["--source", "skywork", "--dataset", data, "--out", out, "--gold-model", path, "--trust-remote-code",
+             "--gold-batch-size", "2"])
+    for r in rows(out, "train.jsonl"):  # batched, padded scoring == one unpadded forward of the model's own code
+        for key, response in (("chosen_score", r["chosen"]), ("rejected_score", r["rejected"])):
+            msgs = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": response}]
+            ids = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                expected = model(torch.tensor([ids])).score[0].item()
+            assert r[key] == pytest.approx(expected, abs=1e-4)
 
 
 def test_reward_from_armorm_style_output():
