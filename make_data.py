@@ -1,0 +1,1095 @@
+"""Build the four-scenario robustness data (train / in-domain / prompt-OOD / response-OOD / mutual-OOD).
+
+Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (ICML 2025), Sec. 2.2 and
+Appendix B. One folder per run; every later stage needs only its path.
+
+    # the built-in toy world (default; offline, CPU, seconds): data + the tiny base model in DATA/base
+    python make_data.py --source synthetic --out runs/toy/data --num-prompts 3000 --seed 0
+    # the paper's Part 1: UltraFeedback + 4 new response models + ArmoRM as gold r* (GPUs; vLLM if installed)
+    python make_data.py --source ultrafeedback --out data/uf --trust-remote-code
+    # the paper's Part 3 training pairs
+    python make_data.py --source skywork --out data/skywork
+    # a real gold-labelled benchmark with no labelling compute: AlpacaEval annotations (GPT-4-turbo preference)
+    python make_data.py --source alpaca_eval --alpaca-eval-dir ../alpaca_eval --out data/ae
+    # your own pairs (and, optionally, ranking files), validated and written in the same layout
+    python make_data.py --source jsonl --train-file my_pairs.jsonl --valid-file my_valid.jsonl --out data/mine
+
+--out receives train.jsonl, valid_id.jsonl, valid_{prompt,response,mutual}_ood.jsonl, rl_prompts.jsonl,
+rl_eval_prompts.jsonl, sft.jsonl and base/ (synthetic only), manifest.json: whatever the source has.
+The folder is written atomically: a crash leaves the previous folder (or none), never a half-written one.
+"""
+
+import argparse
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import re
+from difflib import SequenceMatcher
+
+# ===================================================================================================
+# THE TOY WORLD (--source synthetic): task families, response models, and the gold reward r*(x, y)
+# Only stdlib here: rloo.py / eval import gold_reward() from this module.
+# ===================================================================================================
+
+SYLLABLES = ("ba be bi bo da de di do fa fe fi ka ke ki ko la le li lo lu ma me mi mo na ne ni no pa pe pi po "
+             "ra re ri ro sa se si so ta te ti to va ve vi vo za zo").split()
+WORDS = ("apple river stone green quick little happy cloud window garden silver yellow orange purple music paper "
+         "winter summer bright gentle simple forest ocean mountain candle rabbit tiger pencil basket morning "
+         "evening quiet golden planet rocket button mirror ladder castle dragon honey lemon").split()
+
+
+def _pseudo_word(rng, lo, hi):
+    w = ""
+    while len(w) < lo:
+        w += rng.choice(SYLLABLES)
+    return w[:hi]
+
+
+def _num_list(rng):
+    return ", ".join(str(n) for n in rng.sample(range(100), rng.randint(3, 6)))
+
+
+def _ints(s):
+    return [int(x) for x in s.split(", ")]
+
+
+def _near(n, rng, lo=0):
+    return str(max(lo, n + rng.choice((-10, -3, -2, -1, 1, 2, 3, 10))))
+
+
+def _swap_adjacent(items, rng):
+    items = list(items)
+    if len(items) > 1:
+        i = rng.randrange(len(items) - 1)
+        items[i], items[i + 1] = items[i + 1], items[i]
+    return items
+
+
+# Each family: answer kind, prompt templates, random content, the solver, a restatement some response
+# models use, and the typical mistakes (copying the input, off-by-one, ...).
+FAMILIES = {
+    "add": dict(kind="int", templates=["What is {a} + {b}?", "Add {a} and {b}.", "Compute the sum of {a} and {b}."],
+                fields=lambda r: {"a": str(r.randint(2, 99)), "b": str(r.randint(2, 99))},
+                solve=lambda f: str(int(f["a"]) + int(f["b"])), restate="We need to add {a} and {b}.",
+                wrong=lambda f, ans, r: [_near(int(ans), r), str(int(f["a"]) * int(f["b"]))]),
+    "multiply": dict(kind="int", templates=["What is {a} times {b}?", "Multiply {a} by {b}.",
+                                            "Compute the product of {a} and {b}."],
+                     fields=lambda r: {"a": str(r.randint(2, 19)), "b": str(r.randint(2, 19))},
+                     solve=lambda f: str(int(f["a"]) * int(f["b"])), restate="We need to multiply {a} by {b}.",
+                     wrong=lambda f, ans, r: [_near(int(ans), r), str(int(f["a"]) + int(f["b"])),
+                                              str(int(ans) + int(f["b"]))]),
+    "sort": dict(kind="list", templates=["Sort these numbers from smallest to largest: {nums}.",
+                                         "Put these numbers in ascending order: {nums}."],
+                 fields=lambda r: {"nums": _num_list(r)}, solve=lambda f: ", ".join(map(str, sorted(_ints(f["nums"])))),
+                 restate="We need to order {nums} from small to large.",
+                 wrong=lambda f, ans, r: [f["nums"], ", ".join(map(str, sorted(_ints(f["nums"]), reverse=True))),
+                                          ", ".join(map(str, _swap_adjacent(_ints(ans), r)))]),
+    "reverse": dict(kind="word", templates=["Reverse the letters of the word '{w}'.", "Spell '{w}' backwards."],
+                    fields=lambda r: {"w": _pseudo_word(r, 4, 9)}, solve=lambda f: f["w"][::-1],
+                    restate="We need to read '{w}' from the end.",
+                    wrong=lambda f, ans, r: [f["w"], "".join(_swap_adjacent(ans, r)), ans[1:]]),
+    "count": dict(kind="int", templates=["How many times does the letter '{c}' appear in '{w}'?",
+                                         "Count the letter '{c}' in the word '{w}'."],
+                  fields=lambda r: (lambda w: {"c": r.choice(w) if r.random() < 0.85 else r.choice("aeiou"), "w": w})(
+                      _pseudo_word(r, 6, 12)),
+                  solve=lambda f: str(f["w"].count(f["c"])), restate="We need to find each '{c}' in '{w}'.",
+                  wrong=lambda f, ans, r: [_near(int(ans), r), str(len(f["w"]))]),
+    "max": dict(kind="int", templates=["What is the largest number in this list: {nums}?",
+                                       "Which number is the biggest: {nums}?"],
+                fields=lambda r: {"nums": _num_list(r)}, solve=lambda f: str(max(_ints(f["nums"]))),
+                restate="We need the biggest of {nums}.",
+                wrong=lambda f, ans, r: [str(min(_ints(f["nums"]))), str(sorted(_ints(f["nums"]))[-2]),
+                                         f["nums"].split(", ")[0]]),
+    "upper": dict(kind="text", templates=["Write '{p}' in capital letters.", "Convert '{p}' to uppercase."],
+                  fields=lambda r: {"p": " ".join(r.sample(WORDS, r.randint(2, 3)))}, solve=lambda f: f["p"].upper(),
+                  restate="Every letter of '{p}' becomes a capital.",
+                  wrong=lambda f, ans, r: [f["p"], f["p"].title(),
+                                           " ".join([ans.split(" ")[0]] + f["p"].split(" ")[1:])]),
+    "wordcount": dict(kind="int", templates=["How many words are in the sentence '{s}'?", "Count the words in '{s}'."],
+                      fields=lambda r: {"s": " ".join(r.choice(WORDS) for _ in range(r.randint(3, 8)))},
+                      solve=lambda f: str(len(f["s"].split())), restate="We need to count the words of '{s}'.",
+                      wrong=lambda f, ans, r: [_near(int(ans), r, lo=1), str(len(f["s"].replace(" ", "")))]),
+}
+FIELD_RE = {"a": r"\d+", "b": r"\d+", "nums": r"\d+(?:, \d+)*", "w": r"[a-z]+", "c": r"[a-z]",
+            "p": r"[a-z]+(?: [a-z]+)*", "s": r"[a-z]+(?: [a-z]+)*"}
+
+
+def _template_regex(template):
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{FIELD_RE[p]})" for i, p in enumerate(parts)))
+
+
+TEMPLATE_RES = [(fam, _template_regex(t)) for fam, spec in FAMILIES.items() for t in spec["templates"]]
+
+
+def parse_task(prompt):
+    """A toy-world prompt -> (family, fields, gold answer); None for any other text."""
+    if not isinstance(prompt, str):
+        return None
+    for fam, rx in TEMPLATE_RES:
+        m = rx.fullmatch(prompt.strip())
+        if m:
+            return fam, m.groupdict(), FAMILIES[fam]["solve"](m.groupdict())
+    return None
+
+
+# Response models. M_train: the wordier the style, the more accurate it is (the spurious feature);
+# M_valid: unseen prefixes, fillers and answer formats, and wordiness no longer tracks accuracy.
+FILLERS = {
+    "A": ["This is a simple one.", "I checked it carefully.", "It only takes a moment.", "Here is what I found.",
+          "This kind of task is common."],
+    "B": ["First, I read the question.", "Next, I apply the rule.", "Then I check every step.",
+          "Careful work avoids mistakes.", "I go slowly and stay precise.", "Each step follows the last.",
+          "Checking twice is wise."],
+    "C": ["Honestly, puzzles like this are fun.", "People see these in different ways.", "These can be tricky.",
+          "Let us not rush.", "It reminds me of school.", "Anyway, moving along."],
+    "D": ["Quick one.", "No problem at all.", "I had a look.", "That was easy enough.", "Got it."],
+}
+# name: (set, error rate, prefixes, restate?, filler pool, (min, max) fillers, answer format, closers, bullet lists?)
+STYLES = {
+    "snap": ("train", 0.6, [""], False, None, (0, 0), "{a}", [], False),
+    "brief": ("train", 0.5, [""], False, None, (0, 0), "Answer: {a}", [], False),
+    "plain": ("train", 0.38, ["", "Okay."], False, "A", (0, 1), "The answer is {a}.", [], False),
+    "helper": ("train", 0.25, ["Sure!", "Of course!", "Happy to help!"], False, "A", (1, 2), "The answer is {a}.",
+               ["Hope this helps!", "Let me know if you need more."], False),
+    "tutor": ("train", 0.12, ["Let me work through this.", "Let us solve this step by step."], True, "B", (1, 2),
+              "So the answer is {a}.", [], False),
+    "lecturer": ("train", 0.05, ["Great question!", "What a nice problem!"], True, "B", (2, 4),
+                 "Therefore, the final answer is {a}.",
+                 ["I hope this explanation is useful.", "Feel free to ask another question."], False),
+    "storyteller": ("valid", 0.3, ["Well, well.", "Oh, this one is fun."], True, "C", (2, 3), "Result: {a}",
+                ["That is my take."], False),
+    "listy": ("valid", 0.3, ["Here you go:"], False, "D", (0, 1), "Result: {a}", [], True),
+    "chatty": ("valid", 0.3, ["Hmm, okay.", "Alright then."], False, "D", (2, 3), "I believe the answer is {a}.", [],
+               False),
+    "quiet": ("valid", 0.3, [""], False, None, (0, 0), "=> {a}", [], False),
+}
+NON_ANSWERS = ["unclear", "unknown", "not certain"]
+NON_ANSWER_SHARE = 0.3  # of a model's errors: no real answer (a mistake any style makes, visible to an RM)
+M_TRAIN = [m for m, s in STYLES.items() if s[0] == "train"]
+M_VALID = [m for m, s in STYLES.items() if s[0] == "valid"]
+
+
+def render_response(style_name, prompt, rng, correct=None):
+    """Response of a response model to a toy prompt; correct=None draws an error with the model's error rate."""
+    _, err, prefixes, restate, pool, (lo, hi), answer_fmt, closers, bullets = STYLES[style_name]
+    fam, fields, answer = parse_task(prompt)
+    spec = FAMILIES[fam]
+    if correct is None:
+        correct = rng.random() >= err
+    non_answer = not correct and rng.random() < NON_ANSWER_SHARE
+    if not correct:
+        options = [w for w in spec["wrong"](fields, answer, rng) if w != answer] or [answer + "0"]
+        answer = rng.choice(options)
+    body = [rng.choice(prefixes)]
+    if restate:
+        body.append(spec["restate"].format(**fields))
+    if pool:
+        body += rng.sample(FILLERS[pool], rng.randint(lo, hi))
+    shown = "\n" + "\n".join(f"- {x}" for x in answer.split(", ")) if bullets and spec["kind"] == "list" else answer
+    line = answer_fmt.format(a=rng.choice(NON_ANSWERS) if non_answer else shown)
+    if closers:  # after the answer's sentence, so extract_answer() still finds where the answer ends
+        line += ("\n" if "\n" in line else " " if line.endswith((".", "!", "?")) else ". ") + rng.choice(closers)
+    body = " ".join(b for b in body if b)
+    return f"{body}\n{line}" if body else line
+
+
+MARKER = re.compile(r"(?i)(?:\b(?:final\s+)?answer\s*(?:is|:|=)|\bresult\s*(?:is|:|=)|=>)")
+BULLET = re.compile(r"^\s*[-*\u2022]\s+(.*\S)\s*$")
+
+
+def extract_answer(response):
+    """(the stated answer or None, marked). The answer follows the LAST marker ('answer is', 'Answer:',
+    'Result:', '=>') up to the end of its sentence, or the bullet list right under it; without a marker it
+    is the last line (or the trailing bullet list)."""
+    text = response.strip()
+    marks = list(MARKER.finditer(text))
+    lines = (text[marks[-1].end():] if marks else text).split("\n")
+    if marks and lines[0].strip():
+        ans = re.split(r"[.!?](?=\s|$)", lines[0].strip())[0]
+    else:
+        if marks:  # 'Result:' then a bullet list below it
+            rest = lines[1:]
+            block = []
+            for ln in rest:
+                m = BULLET.match(ln)
+                if not m:
+                    break
+                block.append(m.group(1))
+        else:
+            rest = [ln for ln in lines if ln.strip()]
+            block = []
+            for ln in reversed(rest):
+                m = BULLET.match(ln)
+                if not m:
+                    break
+                block.insert(0, m.group(1))
+        ans = "\n".join(block) if block else ("" if marks or not rest else rest[-1])
+    ans = ans.strip().strip("*`'\"").strip().rstrip(".!?").strip()
+    return (ans or None), bool(marks)
+
+
+def _canonical(kind, ans):
+    """The canonical form of a stated answer of this kind, or None when it does not parse as one."""
+    t = " ".join(ans.split())
+    if kind == "int":
+        return str(int(t)) if re.fullmatch(r"-?\d+", t) else None
+    if kind == "list":
+        if not re.fullmatch(r"[\[(]?\s*-?\d+(?:\s*[, ]\s*-?\d+)*\s*[\])]?", t):
+            return None
+        return ", ".join(str(int(x)) for x in re.findall(r"-?\d+", t))
+    return t
+
+
+def gold_details(prompt, response):
+    """The terms of r*(x, y): correctness (dominant), format, rambling penalty; works for ANY text y."""
+    task = parse_task(prompt)
+    ans, marked = extract_answer(response) if isinstance(response, str) else (None, False)
+    correct, fmt = 0.0, 0.0
+    if task is not None and ans is not None:
+        fam, _, gold = task
+        canon = _canonical(FAMILIES[fam]["kind"], ans)
+        correct = 1.0 if canon == gold else round(0.4 * SequenceMatcher(None, canon or ans, gold).ratio(), 4)
+        fmt = 0.1 * marked + 0.1 * (canon is not None and " ".join(ans.split()) == canon)
+    text = response if isinstance(response, str) else ""
+    n_words = len(text.split())
+    sentences = [s.strip().lower() for s in re.split(r"(?<=[.!?])\s+|\n", text) if s.strip()]
+    repeats = len(sentences) - len(set(sentences))
+    ramble = min(1.5, 0.01 * max(0, n_words - 30) + 0.02 * max(0, n_words - 50) + 0.1 * repeats)
+    return {"correct": correct, "format": fmt, "ramble": ramble, "words": n_words,
+            "reward": round(correct + fmt - ramble, 4)}
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """r*(x, y) of the toy world, for ANY response text (RLOO samples included); deterministic.
+
+    correct answer +1 (a wrong one: up to +0.4 by string similarity), +0.1 if the answer is marked
+    ('The answer is', 'Answer:', 'Result:', '=>'), +0.1 if it is in canonical form (no bullets/brackets),
+    minus a rambling penalty 0.004/word + 0.02/word beyond 50 words + 0.1 per repeated sentence (cap 1.5).
+    A prompt that is not a toy task gets only the length/repetition terms.
+    """
+    return gold_details(prompt, response)["reward"]
+
+
+def make_prompts(n, seed):
+    """n distinct toy prompts, families drawn uniformly, content random."""
+    rng = random.Random(f"{seed}-prompts")
+    fams, seen, prompts = list(FAMILIES), set(), []
+    tries = 0
+    while len(prompts) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise SystemExit(f"--num-prompts {n}: the toy world ran out of distinct prompts")
+        fam = rng.choice(fams)
+        p = rng.choice(FAMILIES[fam]["templates"]).format(**FAMILIES[fam]["fields"](rng))
+        if p not in seen:
+            seen.add(p)
+            prompts.append(p)
+    return prompts
+
+
+# ===================================================================================================
+# Shared construction: prompt split, pairs (D_train, D_ID), ranking rows (the three OOD sets), checks
+# ===================================================================================================
+
+
+def prompt_id(source, prompt):
+    return f"{source}-{hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def count(skipped, file, reason, n=1):
+    skipped.setdefault(file, {})
+    skipped[file][reason] = skipped[file].get(reason, 0) + n
+
+
+def responses_of(row):
+    return [row["chosen"], row["rejected"]] if "chosen" in row else row.get("responses", [])
+
+
+def models_of(row):
+    return [row["chosen_model"], row["rejected_model"]] if "chosen" in row else row.get("models", [])
+
+
+def train_pairs(files):
+    return {(json.dumps(r["prompt"]), json.dumps(y)) for r in files.get("train.jsonl", []) for y in responses_of(r)}
+
+
+def pair_up(cands, n_pairs, rng):
+    """Random disjoint pairs of candidates {model, response, score} whose gold scores differ.
+
+    The paper draws two random responses of four for train and keeps the other two for D_ID; a pair
+    whose gold scores tie carries no label, so a response is paired with the next one that does not tie
+    (trying a few random orders when ties leave too few pairs).
+    """
+    best = []
+    for _ in range(10):  # a few random orders: keep the first that yields n_pairs untied pairs
+        pool, pairs = list(cands), []
+        rng.shuffle(pool)
+        while pool and len(pairs) < n_pairs:
+            a = pool.pop(0)
+            j = next((i for i, b in enumerate(pool) if b["score"] != a["score"]), None)
+            if j is not None:
+                pairs.append((a, pool.pop(j)))
+        if len(pairs) > len(best):
+            best = pairs
+        if len(best) == n_pairs:
+            break
+    return best
+
+
+def pair_row(pid, prompt, a, b):
+    c, r = (a, b) if a["score"] > b["score"] else (b, a)
+    return {"prompt_id": pid, "prompt": prompt, "chosen": c["response"], "rejected": r["response"],
+            "chosen_score": c["score"], "rejected_score": r["score"], "chosen_model": c["model"],
+            "rejected_model": r["model"]}
+
+
+def ranking_row(pid, prompt, cands, rng, file, skipped):
+    if len(cands) < 4:
+        return count(skipped, file, "fewer than 4 responses")
+    pick = rng.sample(list(cands), 4)
+    if len({c["score"] for c in pick}) == 1:
+        return count(skipped, file, "all 4 gold scores tied")
+    return {"prompt_id": pid, "prompt": prompt, "responses": [c["response"] for c in pick],
+            "gold_scores": [c["score"] for c in pick], "models": [c["model"] for c in pick]}
+
+
+def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, seed, pairs_per_prompt, skipped):
+    """The four scenarios from scored candidates. prompts: pid -> prompt; cand_*: pid -> [{model, response, score}]
+    from M_train / M_valid. Returns {file name: rows}."""
+    files = {k: [] for k in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl",
+                             "valid_response_ood.jsonl", "valid_mutual_ood.jsonl")}
+    for pid in prompts:  # identical texts from two models: keep the first (M_train before M_valid), count the rest
+        seen = set()
+        for cands, name in ((cand_train, "M_train"), (cand_valid, "M_valid")):
+            if pid in cands:
+                kept = [c for c in cands[pid] if c["response"] not in seen and not seen.add(c["response"])]
+                if len(kept) < len(cands[pid]):
+                    count(skipped, "source", f"{name} response identical to another model's",
+                          len(cands[pid]) - len(kept))
+                cands[pid] = kept
+    rng = random.Random(f"{seed}-scenarios")
+    for pid in train_ids:
+        cands = cand_train.get(pid, [])
+        pairs = pair_up(cands, pairs_per_prompt + 1, rng)
+        for a, b in pairs[:pairs_per_prompt]:
+            files["train.jsonl"].append(pair_row(pid, prompts[pid], a, b))
+        if len(pairs) <= pairs_per_prompt:
+            count(skipped, "valid_id.jsonl", "gold ties or too few responses")
+            if len(pairs) < pairs_per_prompt:
+                count(skipped, "train.jsonl", "gold ties or too few responses", pairs_per_prompt - len(pairs))
+        else:
+            files["valid_id.jsonl"].append(pair_row(pid, prompts[pid], *pairs[-1]))
+    for name, ids, cands in (("valid_prompt_ood.jsonl", valid_ids, cand_train),
+                             ("valid_response_ood.jsonl", train_ids, cand_valid),
+                             ("valid_mutual_ood.jsonl", valid_ids, cand_valid)):
+        for pid in ids:
+            if pid in cands:
+                row = ranking_row(pid, prompts[pid], cands[pid], rng, name, skipped)
+                if row:
+                    files[name].append(row)
+    return files
+
+
+def drop_train_overlap(files, skipped):
+    """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
+    seen = train_pairs(files)
+    for name in [n for n in files if n.startswith("valid_")]:
+        keep = [r for r in files[name]
+                if not any((json.dumps(r["prompt"]), json.dumps(y)) in seen for y in responses_of(r))]
+        if len(keep) < len(files[name]):
+            count(skipped, name, "a response also in train.jsonl for the same prompt", len(files[name]) - len(keep))
+        files[name] = keep
+
+
+def split_checks(files, m_train, m_valid):
+    """The manifest's checks, computed from the rows that are written."""
+    def prompts(name):
+        return {json.dumps(r["prompt"]) for r in files.get(name, [])}
+
+    def models(name):
+        return {m for r in files.get(name, []) for m in models_of(r)}
+
+    train_p = prompts("train.jsonl") | prompts("valid_id.jsonl")
+    unseen = prompts("valid_prompt_ood.jsonl") | prompts("valid_mutual_ood.jsonl")
+    rl = prompts("rl_prompts.jsonl")
+    seen = train_pairs(files)
+    overlap = sum((json.dumps(r["prompt"]), json.dumps(y)) in seen for name in files if name.startswith("valid_")
+                  for r in files[name] for y in responses_of(r))
+    seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
+    new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
+    return {
+        "train_and_prompt_ood_prompts_disjoint": not (train_p & unseen),
+        "train_and_rl_prompts_disjoint": not (train_p & (rl | prompts("rl_eval_prompts.jsonl"))),
+        "rl_prompts_and_rl_eval_prompts_disjoint": not (rl & prompts("rl_eval_prompts.jsonl")),
+        "m_train_and_m_valid_disjoint": not (set(m_train) & set(m_valid)),
+        "seen_files_use_only_m_train": seen_m <= set(m_train) if m_train else True,
+        "ood_response_files_use_only_m_valid": new_m <= set(m_valid) if m_valid else True,
+        "no_validation_pair_in_train": overlap == 0,
+    }
+
+
+def split_prompts(pids, n_train, seed):
+    if not 0 < n_train < len(pids):
+        raise SystemExit(f"--train-prompts {n_train}: need 0 < X_train < {len(pids)} prompts (the rest is X_valid)")
+    order = sorted(pids)
+    random.Random(f"{seed}-split").shuffle(order)
+    return order[:n_train], order[n_train:]
+
+
+def rl_prompt_files(prompts, valid_ids, n_eval, seed):
+    """RLOO prompts from X_valid (as in the paper) and a disjoint held-out subset for gold-reward tracking."""
+    ids = list(valid_ids)
+    random.Random(f"{seed}-rl").shuffle(ids)
+    n_eval = min(n_eval, len(ids) // 2)
+    rows = [{"prompt_id": pid, "prompt": prompts[pid]} for pid in ids]
+    return {"rl_prompts.jsonl": sorted(rows[n_eval:], key=lambda r: r["prompt_id"]),
+            "rl_eval_prompts.jsonl": sorted(rows[:n_eval], key=lambda r: r["prompt_id"])}
+
+
+# ===================================================================================================
+# Sources
+# ===================================================================================================
+
+
+def source_synthetic(args, skipped):
+    if args.pairs_per_prompt * 2 + 2 > len(M_TRAIN):
+        raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(M_TRAIN)} M_train "
+                         f"models, enough for at most {(len(M_TRAIN) - 2) // 2} pairs per prompt")
+    from tqdm import tqdm
+
+    texts = make_prompts(args.num_prompts, args.seed)
+    prompts = {f"syn-{i:06d}": p for i, p in enumerate(texts)}
+    n_train = args.train_prompts or round(0.8 * len(prompts))
+    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
+    cand_train, cand_valid, sft, train_set = {}, {}, [], set(train_ids)
+    for pid in tqdm(sorted(prompts), desc="toy responses", disable=len(prompts) < 5000):
+        rng = random.Random(f"{args.seed}-{pid}")
+        models = rng.sample(M_TRAIN, 2 * args.pairs_per_prompt + 2 if pid in train_set else 4)
+        cand_train[pid] = [{"model": m, "response": render_response(m, prompts[pid], rng)} for m in models]
+        cand_valid[pid] = [{"model": m, "response": render_response(m, prompts[pid], rng)} for m in M_VALID]
+        if pid in train_set:  # SFT: a correct answer in a random M_train style, prompts of X_train only
+            sft.append({"messages": [{"role": "user", "content": prompts[pid]},
+                                     {"role": "assistant", "content": render_response(rng.choice(M_TRAIN), prompts[pid],
+                                                                                      rng, correct=True)}]})
+    for cands in (cand_train, cand_valid):
+        for pid, cs in cands.items():
+            for c in cs:
+                c["score"] = gold_reward(prompts[pid], c["response"])
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
+                            skipped)
+    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
+    files["sft.jsonl"] = sft
+    world = {"families": sorted(FAMILIES), "spurious": spurious_stats(files)}
+    return files, M_TRAIN, M_VALID, {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, world
+
+
+def spurious_stats(files):
+    """Per response model and per model set: accuracy, words, r*; corr(words, r*) within M_train / M_valid."""
+    per_model, sets = {}, {"m_train": [], "m_valid": []}
+    for name in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl", "valid_response_ood.jsonl",
+                 "valid_mutual_ood.jsonl"):
+        for r in files[name]:
+            for resp, m in zip(responses_of(r), models_of(r)):
+                d = gold_details(r["prompt"], resp)
+                per_model.setdefault(m, []).append(d)
+                sets["m_train" if STYLES[m][0] == "train" else "m_valid"].append(d)
+
+    def corr(ds):
+        x, y = [d["words"] for d in ds], [d["reward"] for d in ds]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+        return round(sxy / math.sqrt(sxx * syy), 4) + 0.0 if sxx and syy else 0.0
+
+    def mean(ds, key):
+        return sum(d[key] == 1 if key == "correct" else d[key] for d in ds) / len(ds)
+
+    stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(mean(ds, "correct"), 4),
+                            "mean_words": round(mean(ds, "words"), 2), "mean_gold": round(mean(ds, "reward"), 4)}
+                        for m, ds in sorted(per_model.items())}}
+    for s, ds in sets.items():
+        if ds:
+            stats[f"corr_words_gold_{s}"] = corr(ds)
+    return stats
+
+
+def _str_field(row, key, where):
+    if key not in row:
+        raise DataError(f"{where}: missing field '{key}'")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def source_ultrafeedback(args, skipped):
+    """Appendix B: dedupe prompts, drop rows with 2+ identical responses, 51,200 train prompts (2 responses
+    for train, 2 for D_ID), the rest prompt-OOD; 4 new models answer for response-/mutual-OOD; gold labels all."""
+    from tqdm import tqdm
+
+    from utils import iter_rows
+
+    dataset = args.dataset or "openbmb/UltraFeedback"
+    prompts, cand_train, seen = {}, {}, set()
+    n_rows = 0
+    for where, row in tqdm(iter_rows(dataset, args.split), desc="read UltraFeedback", unit=" rows"):
+        n_rows += 1
+        instr = _str_field(row, "instruction", where)
+        comps = row.get("completions")
+        if not isinstance(comps, list):
+            raise DataError(f"{where}: field 'completions' must be a list of {{model, response}} objects")
+        cands = []
+        for j, c in enumerate(comps):
+            if not isinstance(c, dict):
+                raise DataError(f"{where}: field 'completions'[{j}] must be an object")
+            resp, model = c.get("response"), c.get("model")
+            if not isinstance(resp, str):
+                raise DataError(f"{where}: field 'completions'[{j}].response must be a string, "
+                                f"got {type(resp).__name__}")
+            if not isinstance(model, str):
+                raise DataError(f"{where}: field 'completions'[{j}].model must be a string, got {type(model).__name__}")
+            cands.append({"model": model, "response": resp})
+        if not instr.strip():
+            count(skipped, "source", "empty prompt")
+        elif instr in seen:
+            count(skipped, "source", "duplicate prompt")
+        elif len(cands) < 4:
+            count(skipped, "source", "fewer than 4 responses")
+        elif any(not c["response"].strip() for c in cands):
+            count(skipped, "source", "empty response")
+        elif len({c["response"].strip() for c in cands}) < len(cands):
+            count(skipped, "source", "2 or more identical responses")
+        else:
+            pid = prompt_id("uf", instr)
+            prompts[pid], cand_train[pid] = instr, cands
+        seen.add(instr)
+    n_train = args.train_prompts or 51200
+    if n_train >= len(prompts):
+        raise SystemExit(f"{dataset}: {len(prompts)} usable prompts of {n_rows} rows; --train-prompts {n_train} leaves "
+                         "none for prompt-OOD (lower --train-prompts)")
+    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
+    rng = random.Random(f"{args.seed}-ood")
+    ood_train = sorted(rng.sample(train_ids, min(len(train_ids), args.ood_prompts or len(train_ids))))
+    ood_valid = sorted(rng.sample(valid_ids, min(len(valid_ids), args.ood_prompts or len(valid_ids))))
+    cand_valid = generate_responses(args, {pid: prompts[pid] for pid in ood_train + ood_valid}, skipped)
+    m_valid = sorted({c["model"] for cs in cand_valid.values() for c in cs})
+    m_train = sorted({c["model"] for cs in cand_train.values() for c in cs})
+    label_with_gold(args, prompts, [cand_train, cand_valid])
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
+                            skipped)
+    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
+    return files, m_train, m_valid, {"source_rows": n_rows, "usable_prompts": len(prompts),
+                                     "train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, {}
+
+
+def _flat(msgs, role):
+    """A single message of this role -> its text; anything longer stays a message list."""
+    return msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == role else msgs
+
+
+def source_skywork(args, skipped):
+    """Skywork-Reward-Preference-80K-v0.2 (chosen/rejected conversations) -> train.jsonl with the dataset's labels.
+    With --gold-model the pairs are also scored (scores written, labels kept; agreement in the manifest)."""
+    from tqdm import tqdm
+
+    from utils import iter_rows, parse_pair
+
+    dataset = args.dataset or "Skywork/Skywork-Reward-Preference-80K-v0.2"
+    rows = []
+    for where, row in tqdm(iter_rows(dataset, args.split), desc="read Skywork", unit=" rows"):
+        parsed = parse_pair(row, where)
+        if parsed[0] == "skip":
+            count(skipped, "train.jsonl", parsed[1])
+            continue
+        prompt, chosen, rejected = parsed
+        if not prompt:
+            count(skipped, "train.jsonl", "no prompt (no shared leading message)")
+            continue
+        p = _flat(prompt, "user")
+        rows.append({"prompt_id": prompt_id("sky", p), "prompt": p, "chosen": _flat(chosen, "assistant"),
+                     "rejected": _flat(rejected, "assistant"), "chosen_score": None, "rejected_score": None,
+                     "chosen_model": None, "rejected_model": None})
+    extra = {}
+    if args.gold_model:
+        score = gold_scorer(args)
+        s = score([(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")])
+        for i, r in enumerate(rows):
+            r["chosen_score"], r["rejected_score"] = s[2 * i], s[2 * i + 1]
+        agree = sum(r["chosen_score"] > r["rejected_score"] for r in rows)
+        extra["gold_agrees_with_labels"] = round(agree / max(1, len(rows)), 4)
+    return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
+
+
+AE_FAMILIES = [  # first match wins: 'oasst-sft-pythia-12b' is pythia, 'alpaca-farm-ppo-sim-gpt4-20k' is llama
+    ("pythia", r"pythia"), ("falcon", r"falcon"), ("gemma", r"gemma"), ("phi", r"^phi"), ("qwen", r"qwen"),
+    ("mistral", r"mistral|mixtral|zephyr"), ("chatglm", r"chatglm"), ("claude", r"claude"),
+    ("llama", r"llama|alpaca|vicuna|wizardlm|ultralm|baize|minotaur|nous-hermes|humpback|guanaco|koala|tulu"),
+    ("gpt", r"^gpt|davinci")]
+
+
+def model_family(name):
+    return next((fam for fam, rx in AE_FAMILIES if re.search(rx, name.lower())), name)
+
+
+def source_alpaca_eval(args, skipped):
+    """AlpacaEval results/<model>/<annotator>/annotations.json: gold r* = preference - 1 for (instruction, output_2)."""
+    if not args.alpaca_eval_dir:
+        raise SystemExit("--source alpaca_eval needs --alpaca-eval-dir DIR (laid out like AlpacaEval's results/)")
+    root = os.path.join(args.alpaca_eval_dir, "results")
+    root = root if os.path.isdir(root) else args.alpaca_eval_dir
+    if not os.path.isdir(root):
+        raise SystemExit(f"--alpaca-eval-dir {args.alpaca_eval_dir}: not a folder")
+    by_prompt = {}  # instruction -> {model: (response, score)}
+    models = []
+    for model in sorted(os.listdir(root)):
+        path = os.path.join(root, model, args.annotator, "annotations.json")
+        if model == args.reference_model or not os.path.isdir(os.path.join(root, model)):
+            continue
+        if not os.path.exists(path):
+            count(skipped, "source", f"model folder without {args.annotator}/annotations.json")
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of annotation records, got {type(records).__name__}")
+        models.append(model)
+        for i, rec in enumerate(records):
+            where = f"{path} record {i}"
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected an object")
+            instr, out = _str_field(rec, "instruction", where), rec.get("output_2")
+            if not isinstance(out, str):
+                raise DataError(f"{where}: field 'output_2' must be a string, got {type(out).__name__}")
+            try:
+                pref = float(rec.get("preference"))
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: field 'preference' must be a number, "
+                                f"got {rec.get('preference')!r}") from None
+            if math.isnan(pref):
+                count(skipped, "source", "preference is NaN")
+            elif not out.strip():
+                count(skipped, "source", "empty response")
+            elif model in by_prompt.setdefault(instr, {}):
+                count(skipped, "source", "instruction repeated within one model's file")
+            else:
+                by_prompt[instr][model] = (out, round(pref - 1.0, 6))
+    if not models:
+        raise SystemExit(f"{root}: no <model>/{args.annotator}/annotations.json found")
+    if args.valid_models:
+        m_valid = [m.strip() for m in args.valid_models.split(",") if m.strip()]
+        unknown = [m for m in m_valid if m not in models]
+        if unknown:
+            raise SystemExit(f"--valid-models: unknown model(s) {unknown}; models present: {', '.join(models)}")
+    else:
+        fams = {f.strip() for f in args.valid_families.split(",")}
+        m_valid = [m for m in models if model_family(m) in fams]
+    m_train = [m for m in models if m not in m_valid]
+    if len(m_valid) < 4 or len(m_train) < 4:
+        raise SystemExit(f"need at least 4 models on each side: M_train {m_train}, M_valid {m_valid} "
+                         "(change --valid-families or --valid-models)")
+    prompts = {prompt_id("ae", p): p for p in by_prompt}
+    cand_train, cand_valid = {}, {}
+    for pid, p in prompts.items():
+        cands = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items())]
+        cand_train[pid] = [c for c in cands if c["model"] in m_train]
+        cand_valid[pid] = [c for c in cands if c["model"] in m_valid]
+    n_train = args.train_prompts or round(0.8 * len(prompts))
+    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
+                            skipped)
+    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
+    families = {m: model_family(m) for m in models}
+    splits = {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}
+    return files, m_train, m_valid, splits, {"families": families}
+
+
+def _pairs_file(path, skipped, name):
+    from utils import as_messages, iter_rows, parse_pair
+
+    rows = []
+    for where, row in iter_rows(path):
+        parsed = parse_pair(row, where)
+        if parsed[0] == "skip":
+            count(skipped, name, parsed[1])
+            continue
+        scores = [row.get("chosen_score"), row.get("rejected_score")]
+        for k, s in zip(("chosen_score", "rejected_score"), scores):
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+                raise DataError(f"{where}: field '{k}' must be a number or null, got {s!r}")
+        if None not in scores and scores[0] <= scores[1]:
+            raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than "
+                            f"'rejected_score' ({scores[1]})")
+        out = {k: row[k] for k in ("prompt", "chosen", "rejected")} if row.get("prompt") is not None else {
+            "prompt": parsed[0], "chosen": parsed[1], "rejected": parsed[2]}  # conversations: write the split form
+        as_messages(out["prompt"], "user", where, "prompt")
+        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", out["prompt"]), **out,
+                     "chosen_score": scores[0], "rejected_score": scores[1],
+                     "chosen_model": row.get("chosen_model"), "rejected_model": row.get("rejected_model")})
+    return rows
+
+
+def _ranking_file(path, skipped, name):
+    from utils import as_messages, iter_rows
+
+    rows = []
+    for where, row in iter_rows(path):
+        if "prompt" not in row:
+            raise DataError(f"{where}: missing field 'prompt'")
+        as_messages(row["prompt"], "user", where, "prompt")
+        resp, gold = row.get("responses"), row.get("gold_scores")
+        if not isinstance(resp, list) or any(not isinstance(x, str) for x in resp):
+            raise DataError(f"{where}: field 'responses' must be a list of strings")
+        if not isinstance(gold, list) or len(gold) != len(resp) or any(
+                isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold):
+            raise DataError(f"{where}: field 'gold_scores' must be a list of {len(resp)} numbers (one per response)")
+        models = row.get("models") or [None] * len(resp)
+        if not isinstance(models, list) or len(models) != len(resp):
+            raise DataError(f"{where}: field 'models' must be a list of {len(resp)} names (one per response)")
+        if len(resp) < 2:
+            count(skipped, name, "fewer than 2 responses")
+            continue
+        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", row["prompt"]), "prompt": row["prompt"],
+                     "responses": resp, "gold_scores": gold, "models": models})
+    return rows
+
+
+def source_jsonl(args, skipped):
+    if not args.train_file:
+        raise SystemExit("--source jsonl needs --train-file F (pairs: prompt/chosen/rejected)")
+    files = {"train.jsonl": _pairs_file(args.train_file, skipped, "train.jsonl")}
+    if args.valid_file:
+        files["valid_id.jsonl"] = _pairs_file(args.valid_file, skipped, "valid_id.jsonl")
+    for flag, name in (("prompt_ood_file", "valid_prompt_ood.jsonl"), ("response_ood_file", "valid_response_ood.jsonl"),
+                       ("mutual_ood_file", "valid_mutual_ood.jsonl")):
+        if getattr(args, flag):
+            files[name] = _ranking_file(getattr(args, flag), skipped, name)
+    for flag, name in (("rl_prompts_file", "rl_prompts.jsonl"), ("rl_eval_prompts_file", "rl_eval_prompts.jsonl")):
+        if getattr(args, flag):
+            from utils import iter_rows
+            files[name] = [{"prompt_id": r.get("prompt_id") or prompt_id("own", _str_field(r, "prompt", w)),
+                            "prompt": _str_field(r, "prompt", w)} for w, r in iter_rows(getattr(args, flag))]
+    return files, [], [], {"train_prompts": len({r["prompt_id"] for r in files["train.jsonl"]})}, {}
+
+
+# ===================================================================================================
+# Real-source compute: new-model generation (vLLM or transformers) and gold labelling
+# ===================================================================================================
+
+
+def model_name(path):
+    return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
+
+
+def generate_responses(args, prompts, skipped):
+    """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
+    import torch
+    from tqdm import tqdm
+
+    import utils
+
+    models = [m.strip() for m in args.new_models.split(",") if m.strip()]
+    if len(models) * args.samples_per_model < 4:
+        raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
+                         "fewer than 4 responses per prompt")
+    use_vllm = args.generator == "vllm"
+    if args.generator == "auto":
+        try:
+            import vllm  # noqa: F401
+            use_vllm = torch.cuda.is_available()
+        except ImportError:
+            use_vllm = False
+    pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
+    out = {pid: [] for pid in pids}
+    for name in models:
+        conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
+        if use_vllm:
+            from vllm import LLM, SamplingParams
+
+            llm = LLM(model=name, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                      trust_remote_code=args.trust_remote_code)
+            params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
+                                    max_tokens=args.max_new_tokens, seed=args.seed)
+            texts = [[o.text for o in r.outputs] for r in llm.chat(conversations, params, use_tqdm=True)]
+            del llm
+            gc.collect()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            tok = utils.load_tokenizer(name)
+            tok.padding_side = "left"
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                trust_remote_code=args.trust_remote_code).to(device).eval()
+            torch.manual_seed(args.seed)
+            texts = []
+            for i in tqdm(range(0, len(pids), args.gen_batch_size), desc=f"generate {model_name(name)}"):
+                chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                         for c in conversations[i: i + args.gen_batch_size]]
+                enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+                with torch.no_grad():
+                    gen = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                         num_return_sequences=args.samples_per_model, pad_token_id=tok.pad_token_id)
+                dec = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                texts += [dec[j: j + args.samples_per_model] for j in range(0, len(dec), args.samples_per_model)]
+            del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for pid, ts in zip(pids, texts):
+            out[pid] += [{"model": model_name(name), "response": t.strip()} for t in ts]
+    for pid in pids:  # an empty generation cannot be ranked: dropped, counted (repeats: see build_scenarios)
+        kept = [c for c in out[pid] if c["response"]]
+        if len(kept) < len(out[pid]):
+            count(skipped, "source", "empty generated response", len(out[pid]) - len(kept))
+        out[pid] = kept
+    return out
+
+
+def _reward_from_output(out, n):
+    """The scalar reward of a sequence-classification output: ArmoRM-style `.score`, else a 1-logit head."""
+    import torch
+
+    score = getattr(out, "score", None)
+    if isinstance(score, torch.Tensor):
+        return score.reshape(n, -1)[:, 0].float()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.shape[-1] != 1:
+        raise SystemExit(f"--gold-model returns {logits.shape[-1]} logits and no `.score`; it must be a 1-label reward "
+                         "model (or ArmoRM-style with a preference `score`)")
+    return logits[:, 0].float()
+
+
+def gold_scorer(args):
+    """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    import utils
+
+    name = args.gold_model
+    if args.trust_remote_code:  # ArmoRM's code imports a docstring constant that transformers 5 no longer has
+        from transformers.models.llama import modeling_llama
+
+        if not hasattr(modeling_llama, "LLAMA_INPUTS_DOCSTRING"):
+            modeling_llama.LLAMA_INPUTS_DOCSTRING = ""
+    config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}) and not args.trust_remote_code:
+        raise SystemExit(f"--gold-model {name} ships its own model code (e.g. ArmoRM's gating head); without it the "
+                         "weights would load into a wrong head. Pass --trust-remote-code if you trust that code.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = utils.load_tokenizer(name)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name, trust_remote_code=args.trust_remote_code,
+        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    pad_id = model.config.pad_token_id
+
+    def model_fn(input_ids, attention_mask):
+        r = _reward_from_output(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+        return r, r[:, None]
+
+    def score(items):
+        seqs = [utils.encode_prompt_response(tok, p, y, args.gold_max_length, truncate=True) for p, y in items]
+        rewards, _ = utils.score_sequences(model_fn, seqs, pad_id, device, args.gold_batch_size,
+                                           desc=f"gold r* ({model_name(name)})")
+        return [round(float(x), 6) for x in rewards]
+
+    return score
+
+
+def label_with_gold(args, prompts, cand_dicts):
+    """Add 'score' (the gold RM's reward) to every candidate, each distinct (prompt, response) scored once."""
+    if not args.gold_model:
+        args.gold_model = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    keys = sorted({(pid, c["response"]) for cands in cand_dicts for pid, cs in cands.items() for c in cs})
+    scores = dict(zip(keys, gold_scorer(args)([(prompts[pid], y) for pid, y in keys])))
+    for cands in cand_dicts:
+        for pid, cs in cands.items():
+            for c in cs:
+                c["score"] = scores[(pid, c["response"])]
+
+
+# ===================================================================================================
+# The tiny base model of the toy world (byte-level BPE tokenizer + random-init Llama), HF format
+# ===================================================================================================
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_base_model(path, texts, args):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>", "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   model_max_length=args.max_position_embeddings)
+    fast.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+                         intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+                         num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
+                         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return {"vocab_size": len(fast), "parameters": sum(p.numel() for p in model.parameters()),
+            "hidden_size": args.hidden_size, "num_layers": args.num_layers}
+
+
+# ===================================================================================================
+# Arguments
+# ===================================================================================================
+
+SOURCES = {"synthetic": source_synthetic, "ultrafeedback": source_ultrafeedback, "skywork": source_skywork,
+           "alpaca_eval": source_alpaca_eval, "jsonl": source_jsonl}
+
+
+class DataError(ValueError):
+    """Bad input (as utils.DataError; defined here so that this module imports only the stdlib)."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", choices=sorted(SOURCES), default="synthetic", help="where the data comes from")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed -> same files)")
+    p.add_argument("--train-prompts", type=int, default=None,
+                   help="|X_train| (default: 51200 for ultrafeedback as in the paper, else 80%% of the prompts)")
+    p.add_argument("--pairs-per-prompt", type=int, default=1,
+                   help="train pairs per X_train prompt (paper: 1; needs 2k+2 distinct M_train responses)")
+    p.add_argument("--rl-eval-prompts", type=int, default=64,
+                   help="X_valid prompts held out of rl_prompts.jsonl for gold-reward tracking (at most half)")
+    g = p.add_argument_group("synthetic")
+    g.add_argument("--num-prompts", type=int, default=3000, help="distinct toy prompts (split 80/20)")
+    g.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary of the tiny base model")
+    g.add_argument("--hidden-size", type=int, default=64, help="hidden size of the tiny Llama")
+    g.add_argument("--num-layers", type=int, default=2, help="layers of the tiny Llama")
+    g.add_argument("--num-heads", type=int, default=4, help="attention heads of the tiny Llama")
+    g.add_argument("--intermediate-size", type=int, default=None, help="MLP size (default 4 x hidden)")
+    g.add_argument("--max-position-embeddings", type=int, default=512, help="context length of the tiny Llama")
+    g = p.add_argument_group("real sources")
+    g.add_argument("--dataset", default=None, help="hub id or local JSONL/folder (default: openbmb/UltraFeedback or "
+                                                   "Skywork/Skywork-Reward-Preference-80K-v0.2)")
+    g.add_argument("--split", default="train", help="dataset split")
+    g.add_argument("--gold-model", default=None,
+                   help="gold RM r* (ultrafeedback default: RLHFlow/ArmoRM-Llama3-8B-v0.1; skywork: optional)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the gold/new models' own code (ArmoRM needs it)")
+    g.add_argument("--gold-batch-size", type=int, default=16, help="sequences per gold-RM forward")
+    g.add_argument("--gold-max-length", type=int, default=4096, help="tokens per gold-RM input (longer: keep the end)")
+    g.add_argument("--new-models", default="google/gemma-2-2b-it,allenai/OLMo-2-1124-7B-Instruct,"
+                                           "HuggingFaceTB/SmolLM2-1.7B-Instruct,mistralai/Mistral-7B-Instruct-v0.2",
+                   help="comma-separated M_valid generators for response-/mutual-OOD (ultrafeedback)")
+    g.add_argument("--samples-per-model", type=int, default=1, help="responses per prompt from each new model")
+    g.add_argument("--ood-prompts", type=int, default=None,
+                   help="cap on prompts of each generated OOD file (default all)")
+    g.add_argument("--generator", choices=("auto", "vllm", "hf"), default="auto",
+                   help="auto: vLLM if installed and a GPU, else transformers")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel GPUs")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="generation length")
+    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per transformers generate call")
+    g.add_argument("--alpaca-eval-dir", default=None, help="AlpacaEval results folder (or the folder holding results/)")
+    g.add_argument("--annotator", default="weighted_alpaca_eval_gpt4_turbo", help="AlpacaEval annotator folder")
+    g.add_argument("--reference-model", default="gpt4_1106_preview", help="AlpacaEval reference (excluded)")
+    g.add_argument("--valid-families", default="gemma,mistral,phi", help="AlpacaEval: model families forming M_valid")
+    g.add_argument("--valid-models", default=None, help="AlpacaEval: exact M_valid model names (overrides families)")
+    g = p.add_argument_group("jsonl (your own data)")
+    g.add_argument("--train-file", default=None, help="pairs {prompt, chosen, rejected[, *_score, *_model]}")
+    g.add_argument("--valid-file", default=None, help="in-domain validation pairs -> valid_id.jsonl")
+    g.add_argument("--prompt-ood-file", default=None, help="ranking rows {prompt, responses, gold_scores[, models]}")
+    g.add_argument("--response-ood-file", default=None, help="ranking rows for valid_response_ood.jsonl")
+    g.add_argument("--mutual-ood-file", default=None, help="ranking rows for valid_mutual_ood.jsonl")
+    g.add_argument("--rl-prompts-file", default=None, help="{prompt} rows -> rl_prompts.jsonl")
+    g.add_argument("--rl-eval-prompts-file", default=None, help="{prompt} rows -> rl_eval_prompts.jsonl")
+    return p.parse_args(argv)
+
+
+# ===================================================================================================
+# Main
+# ===================================================================================================
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import utils
+
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "manifest.json")):
+        raise SystemExit(f"--out {args.out} is a non-empty folder that make_data.py did not write; it would be "
+                         "replaced as a whole: choose a new folder")
+    utils.quiet_libraries()
+    skipped = {}
+    try:
+        files, m_train, m_valid, splits, extra = SOURCES[args.source](args, skipped)
+    except (utils.DataError, DataError) as e:
+        raise SystemExit(f"data error: {e}") from None
+    drop_train_overlap(files, skipped)
+    checks = split_checks(files, m_train, m_valid)
+    if args.source != "jsonl" and not all(checks.values()):  # by construction; a model in both sets fails here
+        failed = [k for k, v in checks.items() if not v]
+        raise SystemExit(f"split checks failed: {failed}; M_train {m_train}, M_valid {m_valid}")
+    for name, ok in checks.items():
+        if not ok:
+            print(f"[warning] check failed: {name}")
+    counts = {name: len(rows) for name, rows in files.items()}
+    manifest = {"source": args.source, "seed": args.seed, "counts": counts, "splits": splits,
+                "models": {"m_train": m_train, "m_valid": m_valid}, "skipped": skipped, "checks": checks,
+                "args": vars(args), **extra}
+    with utils.atomic_path(args.out) as tmp:
+        os.makedirs(tmp)
+        for name, rows in files.items():
+            utils.write_jsonl(os.path.join(tmp, name), rows)
+        if args.source == "synthetic":
+            texts = [r["prompt"] for r in files["rl_prompts.jsonl"] + files["rl_eval_prompts.jsonl"]] + [
+                m["content"] for r in files["sft.jsonl"] for m in r["messages"]]
+            for rows in files.values():
+                for r in rows:
+                    texts += [r[k] for k in ("prompt", "chosen", "rejected") if k in r] + r.get("responses", [])
+            manifest["base_model"] = build_base_model(os.path.join(tmp, "base"), texts, args)
+        utils.write_json(os.path.join(tmp, "manifest.json"), manifest)
+    print_summary(args, files, manifest)
+    return manifest
+
+
+def print_summary(args, files, manifest):
+    print(f"\n[make_data] source={args.source} seed={args.seed} -> {args.out}")
+    print(f"| {'file':<26} | {'rows':>7} | {'prompts':>7} | models")
+    print(f"|{'-' * 28}|{'-' * 9}|{'-' * 9}|-------")
+    for name, rows in files.items():
+        models = sorted({str(m) for r in rows for m in models_of(r) if m is not None})
+        n_prompts = len({r.get("prompt_id", i) for i, r in enumerate(rows)})
+        print(f"| {name:<26} | {len(rows):>7} | {n_prompts:>7} | {', '.join(models)[:70]}")
+    for name, reasons in manifest["skipped"].items():
+        for reason, n in reasons.items():
+            print(f"[skipped] {name}: {n} ({reason})")
+    print(f"[checks] {', '.join(k for k, v in manifest['checks'].items() if v)} passed"
+          + "".join(f"; FAILED {k}" for k, v in manifest["checks"].items() if not v))
+    if "spurious" in manifest:
+        s = manifest["spurious"]
+        print(f"[toy world] corr(words, r*) within M_train {s.get('corr_words_gold_m_train')}, "
+              f"within M_valid {s.get('corr_words_gold_m_valid')}")
+    if "base_model" in manifest:
+        print(f"[base] {args.out}/base: {manifest['base_model']}")
+
+
+if __name__ == "__main__":
+    main()
