@@ -173,6 +173,9 @@ def parse_args(argv=None):
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--save-steps", type=int, default=50, help="resume checkpoint every N steps (0 = end only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="DeepSpeed ZeRO stage (default: the --ds-config file's; its \"auto\" = 3 with several "
+                        "processes, 0 with one)")
     p.add_argument("--local_rank", type=int, default=None,
                    help="set by the deepspeed launcher (the LOCAL_RANK environment variable is what is used)")
     p.add_argument("--ds-config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_config.json"),
@@ -426,17 +429,10 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- models (partitioned while loading)
     hidden_size = AutoConfig.from_pretrained(args.policy).get_text_config().hidden_size
-    ds_config = utils.fill_ds_config(args.ds_config, {
-        "train_batch_size": args.global_batch_size,
-        "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": args.max_grad_norm,
-        "bf16.enabled": bf16,
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
-    })
-    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3
+    ds_config, zero3 = utils.training_ds_config(
+        args.ds_config, global_batch=args.global_batch_size, micro_batch=mb, grad_accum=grad_accum,
+        max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
+        world_size=world)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
 
     def load_lm(path):
@@ -521,13 +517,10 @@ def main(argv=None):
     samples_path = os.path.join(args.out, "gold_samples.jsonl")
     start_step = 0
     if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
-        with open(os.path.join(args.out, "rloo_config.json")) as f:
-            saved = json.load(f)["args"]
-        for key in ("policy", "reward_model", "prompts", "k", "beta", "lr", "epochs", "global_batch_size",
-                    "max_new_tokens", "temperature", "top_p", "seed", "max_prompts", "missing_eos_penalty"):
-            if saved.get(key) != getattr(args, key):
-                raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
-                                 f"{args.out} used {saved.get(key)!r}")
+        resume_keys = (
+            "policy", "reward_model", "prompts", "k", "beta", "lr", "epochs", "global_batch_size",
+            "max_new_tokens", "temperature", "top_p", "seed", "max_prompts", "missing_eos_penalty")
+        utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, resume_keys, world, ds_config)
         start_step = utils.load_train_state(engine, resume_dir, metrics_path)
         if utils.is_rank0() and os.path.exists(samples_path):
             utils.write_jsonl(samples_path, [r for _, r in utils.read_jsonl(samples_path) if r["step"] <= start_step])

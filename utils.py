@@ -442,14 +442,15 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def fill_ds_config(path, values):
-    """Load a DeepSpeed JSON config and replace every "auto" with values[dotted.key] (or values[key]).
+def fill_ds_config(path, values, defaults=None):
+    """Load a DeepSpeed JSON config and replace every "auto" with values[dotted.key] (or defaults[...]).
 
-    A value the file sets explicitly must agree with the script's flag, else it is an error: the flags
-    and the config never silently disagree.
+    A value the file sets explicitly must agree with values (the script's flags), else it is an error: the
+    flags and the config never silently disagree. defaults only fill "auto" and never conflict.
     """
     with open(path) as f:
         cfg = json.load(f)
+    defaults = defaults or {}
 
     def fill(node, prefix):
         for k, v in node.items():
@@ -462,11 +463,34 @@ def fill_ds_config(path, values):
                 elif v != values[key]:
                     raise ValueError(f"{path}: '{key}' is {v!r} but the flags give {values[key]!r}; "
                                      "set it to \"auto\" or change the flag")
+            elif v == "auto" and key in defaults:
+                node[k] = defaults[key]
             elif v == "auto":
                 raise ValueError(f"{path}: no value for \"auto\" key '{key}'")
 
     fill(cfg, "")
     return cfg
+
+
+def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_norm, bf16, hidden_size,
+                       zero_stage=None, world_size=1):
+    """The DeepSpeed config of a training script, its "auto" values filled from the script's flags.
+
+    ZeRO stage: --zero-stage when given; else the file's own number; else ("auto") 3 with several processes
+    and 0 with one, where there is nothing to partition and ZeRO-3's per-module hooks only cost time. Returns
+    (config, zero3); under zero3 the model must be loaded with an HfDeepSpeedConfig alive.
+    """
+    values = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
+              "gradient_accumulation_steps": grad_accum, "gradient_clipping": max_grad_norm, "bf16.enabled": bf16}
+    if zero_stage is not None:
+        values["zero_optimization.stage"] = zero_stage
+    cfg = fill_ds_config(path, values, defaults={
+        "zero_optimization.stage": 3 if world_size > 1 else 0,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    })
+    return cfg, cfg.get("zero_optimization", {}).get("stage") == 3
 
 
 class atomic_path:
@@ -574,6 +598,20 @@ def save_train_state(engine, resume_dir, step):
             if old.startswith("step-") and old != name:
                 shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
     torch.distributed.barrier()
+
+
+def check_resume(config_path, args, keys, world_size, ds_config):
+    """--resume: refuse flags that differ from the saved run's, and a state DeepSpeed cannot load here."""
+    with open(config_path) as f:
+        saved = json.load(f)
+    for key in keys:
+        if saved["args"].get(key) != getattr(args, key):
+            raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
+                             f"{os.path.dirname(config_path)} used {saved['args'].get(key)!r}")
+    stage = saved["ds_config"].get("zero_optimization", {}).get("stage")
+    if saved["world_size"] != world_size or stage != ds_config.get("zero_optimization", {}).get("stage"):
+        raise SystemExit(f"--resume: the saved state is ZeRO stage {stage} on {saved['world_size']} processes; "
+                         f"resume with {saved['world_size']} processes and --zero-stage {stage}")
 
 
 def load_train_state(engine, resume_dir, metrics_path=None):

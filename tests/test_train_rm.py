@@ -201,8 +201,8 @@ def test_pad_equal_eos_model_trains_and_reloads(data, tmp_path):
 
 
 def test_kill_while_saving_keeps_the_previous_state_and_resume_matches(bsr_run, tiny_llama, data, tmp_path):
-    out = tmp_path / "crash_in_save"
-    proc = train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5",
+    out = tmp_path / "crash_in_save"  # ZeRO-3 here (one process defaults to stage 0): partitioned state resumes
+    proc = train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", "--zero-stage", "3",
                  env={"BSR_FAULT": "in_resume_save@4"}, check=False)
     assert proc.returncode == -9  # SIGKILL while the step-4 state was being written
     assert (out / "resume" / "latest").read_text() == "step-00000002"
@@ -214,9 +214,10 @@ def test_kill_while_saving_keeps_the_previous_state_and_resume_matches(bsr_run, 
     changed = train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.1", "--resume", check=False)
     assert changed.returncode != 0 and "--lam is 0.1 but the run" in changed.stderr
 
-    train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", "--resume")
+    train(out, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", "--zero-stage", "3", "--resume")
+    assert json.load(open(out / "train_config.json"))["ds_config"]["zero_optimization"]["stage"] == 3
     assert train_losses(out) == pytest.approx(train_losses(bsr_run), rel=1e-6, abs=1e-7)
-    assert_same_weights(out, bsr_run, atol=1e-6)
+    assert_same_weights(out, bsr_run, atol=2e-5)  # ZeRO-3 vs the stage-0 reference: summation order only
 
 
 def test_kill_mid_epoch_then_resume_ends_with_the_same_weights(bsr_run, tiny_llama, data, tmp_path):

@@ -218,17 +218,24 @@ def test_hub_dataset_path_reads_a_local_dataset_folder(models, tmp_path):
 # ------------------------------------------------------------------------------------------ config and files
 
 
-def test_fill_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
-    cfg = utils.fill_ds_config(os.path.join(os.path.dirname(utils.__file__), "ds_config.json"), {
-        "train_batch_size": 128, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4,
-        "gradient_clipping": 1.0, "bf16.enabled": False, "zero_optimization.reduce_bucket_size": 10,
-        "zero_optimization.stage3_prefetch_bucket_size": 9, "zero_optimization.stage3_param_persistence_threshold": 1})
-    assert cfg["train_batch_size"] == 128 and cfg["bf16"]["enabled"] is False
-    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 10
+def test_training_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
+    repo_cfg = os.path.join(os.path.dirname(utils.__file__), "ds_config.json")
+    kw = dict(global_batch=128, micro_batch=4, grad_accum=4, max_grad_norm=1.0, bf16=False, hidden_size=10)
+    cfg, zero3 = utils.training_ds_config(repo_cfg, world_size=8, **kw)
+    assert cfg["train_batch_size"] == 128 and cfg["bf16"]["enabled"] is False and cfg["gradient_clipping"] == 1.0
+    assert zero3 and cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["reduce_bucket_size"] == 100
+    cfg, zero3 = utils.training_ds_config(repo_cfg, world_size=1, **kw)  # one process: nothing to partition
+    assert not zero3 and cfg["zero_optimization"]["stage"] == 0
+    cfg, zero3 = utils.training_ds_config(repo_cfg, world_size=1, zero_stage=3, **kw)  # e.g. to offload
+    assert zero3
     fixed = tmp_path / "ds.json"
-    fixed.write_text(json.dumps({"train_batch_size": 64}))
+    fixed.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="'train_batch_size' is 64 but the flags give 128"):
-        utils.fill_ds_config(str(fixed), {"train_batch_size": 128})
+        utils.training_ds_config(str(fixed), **kw)
+    fixed.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert utils.training_ds_config(str(fixed), world_size=1, **kw)[1]  # the file's own number wins over auto
+    with pytest.raises(ValueError, match="'zero_optimization.stage' is 3 but the flags give 2"):
+        utils.training_ds_config(str(fixed), zero_stage=2, **kw)
 
 
 def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
@@ -242,3 +249,16 @@ def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
             (open(os.path.join(tmp, "a"), "w")).write("new")
             raise RuntimeError("crash while saving")
     assert (final / "a").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_resume_refuses_changed_flags_world_size_or_stage(tmp_path):
+    import argparse
+
+    cfg = tmp_path / "train_config.json"
+    cfg.write_text(json.dumps({"args": {"lr": 1e-3}, "world_size": 2, "ds_config": {"zero_optimization": {"stage": 3}}}))
+    same = {"zero_optimization": {"stage": 3}}
+    utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), ("lr",), 2, same)  # accepted
+    with pytest.raises(SystemExit, match="--lr is 0.002 but the run in"):
+        utils.check_resume(str(cfg), argparse.Namespace(lr=2e-3), ("lr",), 2, same)
+    with pytest.raises(SystemExit, match="ZeRO stage 3 on 2 processes; resume with 2 processes and --zero-stage 3"):
+        utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), ("lr",), 1, {"zero_optimization": {"stage": 0}})
