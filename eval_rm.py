@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import zlib
 
 import numpy as np
@@ -181,8 +182,15 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=None, help="score cache (default: OUT/cache); keyed by model files, data "
                                                       "files and scoring flags")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
+    p.add_argument("--rloo", action="append", default=None, metavar="NAME=DIR",
+                   help="an rloo.py output folder to add to the report (paper Table 3 layout, Figure 5 plots); "
+                        "repeat per policy, e.g. --rloo pi_bt=runs/toy/rloo/bt")
     p.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (LOCAL_RANK is used)")
     args = p.parse_args(argv)
+    for spec in args.rloo or []:
+        name, _, folder = spec.partition("=")
+        if not name or not os.path.isfile(os.path.join(folder, "summary.json")):
+            p.error(f"--rloo {spec!r}: expected NAME=DIR with DIR/summary.json (an rloo.py output folder)")
     if not args.data_dir and not args.rm_bench:
         p.error("give --data-dir and/or --rm-bench")
     if args.name and len(args.name) != len(args.model):
@@ -647,6 +655,25 @@ def write_report_md(path, report, sets, figures):
         md += [_table(["Model", "chosen \\ rejected"] + list(styles),
                       [[k if i == 0 else "", style] + [_f(v, 1, 100) for v in matrix[k][i]] for k in models
                        for i, style in enumerate(styles)])]
+    if report.get("groups"):
+        md += ["\n## Mean ± std over seeds\n\n",
+               _table(["Method", "Seeds"] + [title for _, title in SEED_TABLE],
+                      [[g, str(len(v["members"]))] + [f"{_f(v[k]['mean'])} ± {_f(v[k]['std'])}" if k in v else "n/a"
+                                                      for k, _ in SEED_TABLE] for g, v in report["groups"].items()])]
+    if report.get("rloo"):
+        runs = report["rloo"]
+        sft = next((r["sft"] for r in runs.values() if r.get("sft")), None)
+        lines = [["SFT (step 0)", _f(sft["gold_reward"]) + f" ± {_f(sft['gold_reward_sem'])}",
+                  _f(sft["length_tokens"], 1), _f(sft["length_chars"], 1), "", "", ""]] if sft else []
+        for name, r in runs.items():
+            fin = r.get("final") or {}
+            lines.append([f"{name} (RM `{r['reward_model']}`, step {fin.get('step')})",
+                          _f(fin.get("gold_reward")) + f" ± {_f(fin.get('gold_reward_sem'))}",
+                          _f(fin.get("length_tokens"), 1), _f(fin.get("length_chars"), 1),
+                          _f(r["train/proxy_reward"]), _f(r["train/kl"]), _f(r["train/response_length"], 1)])
+        md += ["\n## RLHF with each reward model (paper Table 3 layout; held-out prompts, gold r*, mean ± s.e.)\n\n",
+               _table(["Policy", "Gold reward r*", "Length (tokens)", "Length (chars)", "Proxy reward (last step)",
+                       "KL (last step)", "Train length (last step)"], lines)]
     md += ["\n## Data\n\n", _table(["Set", "Source", "Rows read", "Prompts", "Responses", "Skipped"],
                                    [[s.name, f"`{s.source}`", s.rows_read, len(s.sizes), len(s.responses),
                                      "; ".join(f"{v} {k}" for k, v in s.skipped.items()) or "0"] for s in sets])]
@@ -738,6 +765,85 @@ def plot_all(out, report, sets, scores_all):
 
 
 # ===================================================================================================
+# Seeds and RLHF: mean ± std over seeds (labels "<method>/seed<N>"), RLOO summaries (Table 3, Figure 5)
+# ===================================================================================================
+
+SEED_TABLE = (("id/accuracy", "In-Domain (Acc ↑)"), ("prompt_ood/kendall_tau", "Prompt OOD (τ ↑)"),
+              ("response_ood/kendall_tau", "Response OOD (τ ↑)"), ("mutual_ood/kendall_tau", "Mutual OOD (τ ↑)"),
+              ("wp_norm", "‖Wp‖"), ("norms/mutual_ood/std", "std ‖h‖ mutual OOD"),
+              ("erank/gap/mutual_ood", "erank Δ mutual OOD"), ("length_corr/response_ood", "length corr. resp. OOD"))
+
+
+def seed_groups(models):
+    """{method: {"members": [...], key: {"mean", "std", "n"}}} for labels ending in /seed<N> (or _seed<N>)."""
+    groups = {}
+    for label in models:
+        match = re.match(r"^(.+)[/_]seed\d+$", label)
+        if match:
+            groups.setdefault(match.group(1), []).append(label)
+    out = {}
+    for group, members in groups.items():
+        out[group] = {"members": members}
+        for key, value in models[members[0]].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                vals = np.array([models[m].get(key) for m in members], dtype=float)
+                vals = vals[~np.isnan(vals)]
+                if len(vals):
+                    out[group][key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1
+                                       else 0.0, "n": int(len(vals))}
+    return out
+
+
+def load_rloo(specs):
+    """--rloo NAME=DIR -> {name: {"dir", "summary", "train": per-step rows, "gold": gold rows}}."""
+    runs = {}
+    for spec in specs or []:
+        name, _, folder = spec.partition("=")
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        runs[name] = {"dir": folder, "summary": json.load(open(os.path.join(folder, "summary.json"))),
+                      "train": [r for r in rows if "train/kl" in r], "gold": [r for r in rows if "gold/reward" in r]}
+    return runs
+
+
+def rloo_report(runs):
+    """report.json block: the SFT row and each policy's final row (Table 3), plus its last training step."""
+    out = {}
+    for name, run in runs.items():
+        s, last = run["summary"], (run["train"] or [{}])[-1]
+        out[name] = {"dir": run["dir"], "reward_model": s.get("reward_model"), "steps": s.get("steps"),
+                     "sft": s.get("sft"), "final": s.get("rloo"), "train/proxy_reward": last.get("train/proxy_reward"),
+                     "train/kl": last.get("train/kl"), "train/response_length": last.get("train/response_length")}
+    return out
+
+
+def plot_rloo(out, runs):
+    """Figure 5: proxy reward vs KL (a-b), gold reward vs step (c-d), and held-out response length, overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, run in runs.items():
+        t, g = run["train"], run["gold"]
+        axes[0].plot([r["train/kl"] for r in t], [r["train/proxy_reward"] for r in t], "o-", ms=3, label=name)
+        axes[1].errorbar([r["step"] for r in g], [r["gold/reward"] for r in g],
+                         yerr=[r.get("gold/reward_sem", 0) for r in g], marker="o", capsize=3, label=name)
+        axes[2].plot([r["step"] for r in g], [r["gold/response_length"] for r in g], "o-", label=name)
+    axes[0].set(xlabel="KL(π || π_ref), per sequence", ylabel="proxy reward (each policy's own RM)",
+                title="Proxy reward vs KL (paper Fig. 5a-b)")
+    axes[1].set(xlabel="RLOO step", ylabel="gold reward r* (held-out prompts)", title="Gold reward (paper Fig. 5c-d)")
+    axes[2].set(xlabel="RLOO step", ylabel="response length (tokens)", title="Held-out response length")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "fig5_rloo.png"), dpi=120)
+    plt.close(fig)
+    return ["fig5_rloo.png"]
+
+
+# ===================================================================================================
 # Main
 # ===================================================================================================
 
@@ -797,6 +903,11 @@ def main(argv=None):
         report["data"][s.name] = {"source": s.source, "rows_read": s.rows_read, "prompts": len(s.sizes),
                                   "responses": len(s.responses), "pairs": len(s.pairs), "skipped": s.skipped}
 
+    report["groups"] = seed_groups(report["models"])
+    runs = load_rloo(args.rloo)
+    if runs:
+        report["rloo"] = rloo_report(runs)
+
     # ---------------------------------------------------------------- save
     if utils.is_rank0():
         os.makedirs(args.out, exist_ok=True)
@@ -805,7 +916,7 @@ def main(argv=None):
         utils.write_json(os.path.join(args.out, "eval_config.json"),
                          {"args": vars(args), "world_size": world, "device": str(device),
                           "models": dict(zip(labels, args.model)), "data": report["data"]})
-        figures = plot_all(args.out, report, sets, scores_all)
+        figures = plot_all(args.out, report, sets, scores_all) + (plot_rloo(args.out, runs) if runs else [])
         write_report_md(os.path.join(args.out, "report.md"), report, sets, figures)
         print0(f"[done] {os.path.join(args.out, 'report.md')}, report.json, {', '.join(figures)}")
     torch.distributed.barrier()

