@@ -47,12 +47,12 @@ case "$PRESET" in
   toy|smoke)
     export HF_HUB_OFFLINE=1
     if [[ $PRESET == toy ]]; then
-      DATA_ARGS=(--source synthetic --num-prompts 3000)
-      SFT_ARGS=(--lr 3e-3 --epochs 3 --global-batch-size 64 --micro-batch-size 64 --max-length 256)
+      DATA_ARGS=(--source synthetic --num-prompts 3000 --hidden-size 128 --num-layers 4)
+      SFT_ARGS=(--lr 3e-3 --epochs 4 --global-batch-size 64 --micro-batch-size 64 --max-length 256)
       RM_ARGS=(--lr 1e-3 --epochs 2 --global-batch-size 32 --micro-batch-size 32 --max-length 256
-               --max-tokens-per-forward 4096)
-      RLOO_ARGS=(--lr 3e-4 --epochs 1 --global-batch-size 32 --micro-batch-size 32 --max-new-tokens 48 --gold synthetic
-                 --gold-every 4 --max-prompts 512 --gold-max-prompts 64)
+               --max-tokens-per-forward 2048)
+      RLOO_ARGS=(--lr 3e-4 --epochs 2 --global-batch-size 32 --micro-batch-size 32 --max-new-tokens 48 --gold synthetic
+                 --gold-every 8 --max-prompts 512 --gold-max-prompts 64)
     else  # smoke: the same chain at the smallest sizes (CI checks every stage's outputs)
       DATA_ARGS=(--source synthetic --num-prompts 200)
       SFT_ARGS=(--lr 3e-3 --epochs 1 --global-batch-size 32 --micro-batch-size 32 --max-length 256)
@@ -109,10 +109,10 @@ stage data "$RUNS/data/manifest.json" "$RUNS/data" -- "$PY" make_data.py "${DATA
 if [[ $PRESET == toy || $PRESET == smoke ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); SFT_BASE=$RUNS/data/base; fi
 
 # ------------------------------------------------------------------------------------------------- 2. SFT
-stage sft "$RUNS/sft/sft_config.json" "$RUNS/sft" -- "${LAUNCH[@]}" sft.py --model "$SFT_BASE" "${SFT_DATA[@]}" \
+stage sft "$RUNS/sft/config.json" "$RUNS/sft" -- "${LAUNCH[@]}" sft.py --model "$SFT_BASE" "${SFT_DATA[@]}" \
   --out "$RUNS/sft" "${SFT_ARGS[@]}"
 if [[ $PRESET == paper ]]; then  # the RMs start from their own SFT model (Qwen2.5-3B), the policy from 1.5B
-  stage sft_rm "$RUNS/sft_rm/sft_config.json" "$RUNS/sft_rm" -- "${LAUNCH[@]}" sft.py --model "$RM_SFT_BASE" \
+  stage sft_rm "$RUNS/sft_rm/config.json" "$RUNS/sft_rm" -- "${LAUNCH[@]}" sft.py --model "$RM_SFT_BASE" \
     "${SFT_DATA[@]}" --out "$RUNS/sft_rm" "${SFT_ARGS[@]}"
 fi
 
@@ -124,7 +124,7 @@ for seed in $SEEDS; do
     for lam in "${lams[@]}"; do
       name=$loss; [[ $loss == bsr && "$LAMS" != "1e-3" ]] && name="bsr_lam$lam"
       out=$RUNS/rm/$name/seed$seed
-      stage "rm $name seed $seed" "$out/model.safetensors" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
+      stage "rm $name seed $seed" "$out/config.json" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
         --train-file "$RUNS/data/train.jsonl" --eval-file "$RUNS/data/valid_id.jsonl" --out "$out" \
         --loss "$loss" --lam "$lam" --seed "$seed" "${RM_ARGS[@]}"
       EVAL_MODELS+=(--model "$out" --name "$name/seed$seed")

@@ -560,10 +560,14 @@ def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None
 
 
 def publish_checkpoint(src_dir, dst_dir):
-    """Copy a finished checkpoint's files into dst_dir (e.g. the run folder), each one atomically."""
+    """Copy a finished checkpoint's files into dst_dir (e.g. the run folder), each one atomically.
+
+    config.json goes last: once it is there, the weights (one file or shards) are complete, so callers (run_all.sh)
+    may treat dst_dir/config.json as "this stage finished".
+    """
     if not is_rank0():
         return
-    for name in os.listdir(src_dir):
+    for name in sorted(os.listdir(src_dir), key=lambda n: n == "config.json"):
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
             with atomic_path(os.path.join(dst_dir, name)) as tmp:

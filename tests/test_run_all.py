@@ -1,0 +1,74 @@
+"""run_all.sh: the whole chain at the smallest sizes (PRESET=smoke), a failure that stops it, a rerun that continues,
+a third run that skips every stage; every stage's outputs and every key of the final report are checked."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+import eval_rm
+
+
+def run_all(runs, env=None):
+    full = dict(os.environ, PRESET="smoke", RUNS=str(runs), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+                **(env or {}))
+    full.pop("RESULTS", None)
+    return subprocess.run(["bash", "run_all.sh"], cwd=REPO, env=full, capture_output=True, text=True, timeout=900)
+
+
+def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
+    runs = tmp_path / "smoke"
+    # 1. a stage dies (SIGKILL after its second optimizer step): set -e stops the chain right there
+    failed = run_all(runs, {"BSR_FAULT": "after_step@2"})
+    assert failed.returncode != 0
+    assert (runs / "data" / "manifest.json").exists() and not (runs / "sft" / "config.json").exists()
+    assert not (runs / "rm").exists()
+
+    # 2. the rerun continues: data is skipped, everything else runs to the report
+    done = run_all(runs)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[run_all] data: done" in done.stdout
+    data = json.load(open(runs / "data" / "manifest.json"))
+    assert data["source"] == "synthetic"
+    for f in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl", "valid_response_ood.jsonl",
+              "valid_mutual_ood.jsonl", "sft.jsonl", "rl_prompts.jsonl", "rl_eval_prompts.jsonl", "base/config.json"):
+        assert (runs / "data" / f).exists(), f
+    assert (runs / "sft" / "model.safetensors").exists() and (runs / "sft" / "sft_config.json").exists()
+    for loss in ("bt", "bsr"):
+        rm = runs / "rm" / loss / "seed1"
+        assert json.load(open(rm / "train_config.json"))["args"]["loss"] == loss
+        assert (rm / "model.safetensors").exists() and (rm / "metrics.jsonl").exists()
+        rloo = runs / "rloo" / loss
+        summary = json.load(open(rloo / "summary.json"))
+        assert summary["reward_model"] == str(rm) and summary["sft"]["step"] == 0
+        assert (rloo / "model.safetensors").exists()
+    assert (runs / "eval" / "report.json").exists()
+
+    results = runs / "results"
+    report = json.load(open(results / "report.json"))
+    assert sorted(report["models"]) == ["bsr_seed1", "bt_seed1"]
+    for label, m in report["models"].items():
+        missing = [k for k in eval_rm.fixed_keys() if k not in m]
+        assert not missing, (label, missing)
+        assert 0 <= m["id/accuracy"] <= 1 and -1 <= m["mutual_ood/kendall_tau"] <= 1
+    assert sorted(report["groups"]) == ["bsr", "bt"]
+    assert report["groups"]["bt"]["id/accuracy"]["mean"] == report["models"]["bt_seed1"]["id/accuracy"]
+    for name in ("pi_bt", "pi_bsr"):
+        block = report["rloo"][name]
+        assert block["sft"]["gold_reward"] == report["rloo"]["pi_bt"]["sft"]["gold_reward"]  # one SFT start
+        assert block["final"]["step"] == block["steps"] and block["final"]["length_tokens"] > 0
+    md = (results / "report.md").read_text()
+    for heading in ("## Robustness", "## Hidden states", "## Mean ± std over seeds", "## RLHF with each reward model"):
+        assert heading in md
+    for fig in ("fig1_wp_norm.png", "fig2_hidden_diff_per_epoch.png", "fig3_hidden_norms.png", "fig5_rloo.png"):
+        assert os.path.getsize(results / fig) > 10000, fig
+    assert f"Report: {results}/report.md" in done.stdout
+
+    # 3. a third run finds every output and skips every stage
+    again = run_all(runs)
+    assert again.returncode == 0
+    for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "eval", "rloo bt", "rloo bsr", "report"):
+        assert f"[run_all] {stage}: done" in again.stdout, stage
+    assert json.load(open(results / "report.json")) == report
