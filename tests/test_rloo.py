@@ -299,3 +299,12 @@ def test_gold_synthetic_uses_make_data_gold_reward(world):
         assert s["gold_reward"] == pytest.approx(gold_reward(s["prompt"], s["response"]))
     golds = [r for r in read_metrics(out) if "gold/reward" in r]
     assert [r["step"] for r in golds] == [0, 4]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_state(world):
+    d, args, gold = world
+    out = str(d / "nan")
+    proc = run_script(args + ["--gold-model", gold, "--out", out], env={"BSR_FAULT": "nan@3"}, check=False)
+    assert proc.returncode == 1 and "non-finite loss at step 3" in proc.stdout and "Traceback" not in proc.stderr
+    assert open(os.path.join(out, "resume", "latest")).read() == "step-00000002"
+    assert [r["step"] for r in read_metrics(out) if "train/kl" in r] == [1, 2]  # the poisoned step never applied

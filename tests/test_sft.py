@@ -194,3 +194,14 @@ def test_two_process_sft_equals_one_process(sft_run, tmp_path):
     wa, wb = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=2e-5, msg=lambda m: f"{k}: {m}")
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_state(sft_run, tmp_path):
+    base, data, _, _ = sft_run
+    out = str(tmp_path / "nan")
+    proc = run_script(["sft.py", "--model", base, "--train-file", data, "--out", out, "--global-batch-size", "16",
+                       "--micro-batch-size", "16", "--lr", "3e-3", "--save-steps", "2"], env={"BSR_FAULT": "nan@3"},
+                      check=False)
+    assert proc.returncode == 1 and "non-finite loss at step 3" in proc.stdout and "Traceback" not in proc.stderr
+    assert open(os.path.join(out, "resume", "latest")).read() == "step-00000002"
+    assert [r["step"] for r in read_metrics(out) if "train/loss" in r] == [1, 2]
