@@ -699,15 +699,22 @@ def metrics_rows(model):
 
 
 def plot_all(out, report, sets, scores_all):
-    """Figure 1 (||Wp|| per model), Figure 2 (||h_w - h_l|| per epoch), Figure 3 (||h|| per scenario)."""
+    """Figure 1 (||Wp|| per model), Figure 2 (||h_w - h_l|| per epoch), Figure 3 (||h|| per scenario).
+
+    With seed groups (labels "<method>/seed<N>") colours follow the method, Figure 3 pools each method's seeds,
+    and legends name methods, so 5 methods x 3 seeds stay readable.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models, labels, figures = report["models"], list(report["models"]), []
+    method = {m: g for g, v in report.get("groups", {}).items() for m in v["members"]}
+    method = {label: method.get(label, label) for label in labels}
+    series = list(dict.fromkeys(method[label] for label in labels))  # one colour and legend entry each
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    color = {label: colors[i % len(colors)] for i, label in enumerate(labels)}
+    color = {m: colors[i % len(colors)] for i, m in enumerate(series)}
 
     def save(fig, name):
         fig.tight_layout()
@@ -715,47 +722,53 @@ def plot_all(out, report, sets, scores_all):
         plt.close(fig)
         figures.append(name)
 
-    # Figure 3: ||h(x, y)|| distribution per scenario, models overlaid
+    # Figure 3: ||h(x, y)|| distribution per scenario, models (or methods, seeds pooled) overlaid
     names = [s.name for s in sets if s.sizes]
     ncols = min(3, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
     for ax, n in zip(axes.flat, names):
-        data = {label: scores_all[label][n]["hidden_norm"].numpy() for label in labels}
+        data = {m: np.concatenate([scores_all[label][n]["hidden_norm"].numpy() for label in labels
+                                   if method[label] == m]) for m in series}
         lo, hi = min(d.min() for d in data.values()), max(d.max() for d in data.values())
         bins = np.linspace(lo - 1e-3 * (abs(lo) + 1), hi + 1e-3 * (abs(hi) + 1), 41)
-        for label, d in data.items():
-            ax.hist(d, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=color[label])
-            ax.hist(d, bins=bins, density=True, histtype="step", color=color[label],
-                    label=f"{label}: {d.mean():.4g} ± {d.std():.3g}")
+        for m, d in data.items():
+            ax.hist(d, bins=bins, density=True, histtype="stepfilled", alpha=0.25, color=color[m])
+            ax.hist(d, bins=bins, density=True, histtype="step", color=color[m], label=f"{m}: {d.mean():.4g} ± {d.std():.3g}")
         ax.set(title=TITLES[n], xlabel="||h(x, y)||", ylabel="density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle("Hidden-state norm per scenario (paper Fig. 3): legend = mean ± std")
+    pooled = " (each method's seeds pooled)" if len(series) < len(labels) else ""
+    fig.suptitle(f"Hidden-state norm per scenario (paper Fig. 3){pooled}: legend = mean ± std")
     save(fig, "fig3_hidden_norms.png")
 
     # Figure 2: ||h_w - h_l|| per epoch from train_rm.py's metrics.jsonl (mean, band = ± std)
     curves = {label: metrics_rows(models[label]["model"]) for label in labels}
     if any(curves.values()):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5 if len(series) > 1 else 6, 4))
+        seen = set()
         for label, rows in curves.items():
             if rows:
+                m = method[label]
                 e = np.array([r["epoch"] for r in rows])
                 mu, sd = (np.array([r[f"epoch/hidden_diff_norm_{k}"] for r in rows]) for k in ("mean", "std"))
-                ax.plot(e, mu, "o-", color=color[label], label=label)
-                ax.fill_between(e, mu - sd, mu + sd, color=color[label], alpha=0.2)
+                ax.plot(e, mu, "o-", color=color[m], label=None if m in seen else m)
+                ax.fill_between(e, mu - sd, mu + sd, color=color[m], alpha=0.08 if len(labels) > len(series) else 0.2)
+                seen.add(m)
         ax.set(xlabel="epoch (0 = before training)", ylabel="||h(x, y_w) - h(x, y_l)||",
-               title="Hidden-state difference per epoch (paper Fig. 2): mean ± std")
+               title="Hidden-state difference per epoch (paper Fig. 2): mean, band ± std")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         save(fig, "fig2_hidden_diff_per_epoch.png")
 
     # Figure 1: ||Wp|| per model; the N(0, 1/(H+1)) initialisation gives E||Wp|| close to 1
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(labels) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(14, max(4, 0.75 * len(labels) + 2)), 3.8))
     values = [models[label]["wp_norm"] for label in labels]
-    bars = ax.bar(labels, values, color=[color[label] for label in labels])
-    ax.bar_label(bars, fmt="%.3f")
+    bars = ax.bar(range(len(labels)), values, color=[color[method[label]] for label in labels])
+    ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                  fontsize=8)
     ax.axhline(1.0, ls="--", color="gray", label="initialisation, E||Wp|| ≈ 1")
     ax.set(ylabel="||Wp||", title="Reward head norm per model (paper Fig. 1)", ylim=(0, max(values + [1.0]) * 1.4))
     ax.legend(loc="upper left", fontsize=8)
