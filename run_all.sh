@@ -11,7 +11,8 @@
 #
 # Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (BSR lambdas),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
-# RUNS/results), FORCE=1 (redo stages whose outputs exist), PYTHON. Each stage writes its own folder under RUNS; a
+# RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
+# PYTHON. Each stage writes its own folder under RUNS; a
 # stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
 # after a failure continues where it stopped.
 set -euo pipefail
@@ -43,6 +44,7 @@ NUM_GPUS=${NUM_GPUS:-0}
 HOSTFILE=${HOSTFILE:-}
 RUNS=${RUNS:-runs/$PRESET}
 FORCE=${FORCE:-0}
+DRY_RUN=${DRY_RUN:-0}
 case "$PRESET" in
   toy|smoke)
     export HF_HUB_OFFLINE=1
@@ -86,7 +88,7 @@ if [[ -n "${RESULTS:-}" ]]; then :; elif [[ $PRESET == toy ]]; then RESULTS=resu
 if [[ -n "$HOSTFILE" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE")
 elif (( NUM_GPUS > 0 )); then LAUNCH=(deepspeed --num_gpus "$NUM_GPUS")
 else LAUNCH=("$PY"); fi
-mkdir -p "$RUNS"
+[[ "$DRY_RUN" == 1 ]] || mkdir -p "$RUNS"
 echo "[run_all] preset $PRESET: seeds ($SEEDS), losses ($LOSSES), BSR lambdas ($LAMS), outputs in $RUNS, launcher ${LAUNCH[*]}"
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -94,6 +96,7 @@ echo "[run_all] preset $PRESET: seeds ($SEEDS), losses ($LOSSES), BSR lambdas ($
 # a training command gets --resume when OUT_DIR holds an interrupted run
 stage() {
   local name=$1 done_file=$2 out=$3; shift 4
+  if [[ "$DRY_RUN" == 1 ]]; then echo "[run_all] (dry run) $name: $*"; return; fi
   if [[ -e "$done_file" && "$FORCE" != 1 ]]; then echo "[run_all] $name: done ($done_file), skipped"; return; fi
   local extra=()
   if [[ "$FORCE" == 1 ]]; then rm -rf "$out"
@@ -141,7 +144,8 @@ first_seed=${SEEDS%% *}
 RLOO_REPORT=()
 for loss in bt bsr; do
   [[ " $LOSSES " == *" $loss "* ]] || continue
-  rm_dir=$RUNS/rm/$loss/seed$first_seed; [[ -d $rm_dir ]] || rm_dir=$(ls -d "$RUNS"/rm/${loss}*/seed"$first_seed" | head -1)
+  rm_dir=$RUNS/rm/$loss/seed$first_seed
+  [[ -d $rm_dir || "$DRY_RUN" == 1 ]] || rm_dir=$(ls -d "$RUNS"/rm/${loss}*/seed"$first_seed" | head -1)
   out=$RUNS/rloo/$loss
   stage "rloo $loss" "$out/summary.json" "$out" -- "${LAUNCH[@]}" rloo.py --policy "$POLICY_BASE" --reward-model "$rm_dir" \
     --prompts "$RUNS/data/rl_prompts.jsonl" --gold-prompts "$RUNS/data/rl_eval_prompts.jsonl" --out "$out" \
@@ -153,4 +157,4 @@ done
 # the reward models' scores come from the cache written in step 4; the RLOO summaries are added
 stage report "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
   "${RM_BENCH_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
-echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"
+[[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"

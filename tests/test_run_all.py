@@ -12,8 +12,8 @@ import eval_rm
 
 
 def run_all(runs, env=None):
-    full = dict(os.environ, PRESET="smoke", RUNS=str(runs), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-                **(env or {}))
+    full = {**os.environ, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            **(env or {})}
     full.pop("RESULTS", None)
     return subprocess.run(["bash", "run_all.sh"], cwd=REPO, env=full, capture_output=True, text=True, timeout=900)
 
@@ -72,3 +72,46 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
     for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "eval", "rloo bt", "rloo bsr", "report"):
         assert f"[run_all] {stage}: done" in again.stdout, stage
     assert json.load(open(results / "report.json")) == report
+
+
+def dry_run_commands(runs, **env):
+    """Every stage command a preset would run, as (script, argv), without running any."""
+    import shlex
+
+    proc = run_all(runs, {"DRY_RUN": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = []
+    for line in proc.stdout.splitlines():
+        if "(dry run)" in line:
+            argv = shlex.split(line.split(": ", 1)[1])
+            while not argv[0].endswith(".py"):  # drop the launcher: python / deepspeed --num_gpus N / --hostfile F
+                argv.pop(0)
+            commands.append((argv[0][:-3], argv[1:]))
+    return commands
+
+
+def test_every_preset_command_parses_with_its_script(tmp_path):
+    """PRESET=paper and skywork need GPUs and the hub; their commands are still checked flag by flag here."""
+    import importlib
+
+    cases = [dict(PRESET="toy"), dict(PRESET="paper", NUM_GPUS="8", SEEDS="1 2", LOSSES="bt bsr hinge norm dr"),
+             dict(PRESET="skywork", HOSTFILE="hostfile", LAMS="1e-4 1e-3 1e-2")]
+    for env in cases:
+        runs = tmp_path / env["PRESET"]
+        commands = dry_run_commands(runs, **env)
+        scripts = [s for s, _ in commands]
+        assert scripts[0] == "make_data" and "sft" in scripts and "train_rm" in scripts and scripts[-1] == "eval_rm"
+        assert scripts.count("rloo") == 2
+        for loss in ("bt", "bsr"):  # eval_rm checks that --rloo folders hold a summary
+            (runs / "rloo" / loss).mkdir(parents=True, exist_ok=True)
+            (runs / "rloo" / loss / "summary.json").write_text("{}")
+        for script, argv in commands:
+            importlib.import_module(script).parse_args(argv)  # SystemExit on any unknown or invalid flag
+        n_rm = scripts.count("train_rm")
+        if env["PRESET"] == "paper":
+            assert n_rm == 10 and scripts.count("sft") == 2  # 5 losses x 2 seeds; a 1.5B policy and a 3B RM base
+        if env["PRESET"] == "skywork":
+            lams = sorted(a[a.index("--lam") + 1] for s, a in commands if s == "train_rm" and "bsr" in a)
+            assert lams == ["1e-2", "1e-3", "1e-4"]
+            report = [a for s, a in commands if s == "eval_rm"][-1]
+            assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
