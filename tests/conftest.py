@@ -50,15 +50,20 @@ def make_tokenizer(path, pad="distinct", eos_in_template=True):
 
 
 def make_tiny_lm(path, arch="llama", pad="distinct", seed=0, hidden=32, layers=2):
-    """A random-init tiny causal LM + tokenizer saved in HF format, as a real base model would be."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """A random-init tiny causal LM (llama, qwen2, mistral, gemma, gemma2) + tokenizer saved in HF format."""
+    from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config)
 
     tok = make_tokenizer(path, pad=pad)
     common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                   tie_word_embeddings=False)
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    if arch in ("gemma", "gemma2"):  # Gemma scales embeddings by sqrt(H) and has its own head_dim
+        common["head_dim"] = hidden // 4
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig,
+               "gemma2": Gemma2Config}
+    config = configs[arch](**common)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path

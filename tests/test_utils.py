@@ -25,13 +25,17 @@ def models(tmp_path_factory):
         "llama_pad_eq_eos": make_tiny_lm(str(root / "llama_eos"), "llama", pad="eos"),
         "llama_no_pad": make_tiny_lm(str(root / "llama_nopad"), "llama", pad="none"),
         "qwen2": make_tiny_lm(str(root / "qwen2"), "qwen2"),
+        "mistral": make_tiny_lm(str(root / "mistral"), "mistral"),
+        "gemma": make_tiny_lm(str(root / "gemma"), "gemma"),
+        "gemma2": make_tiny_lm(str(root / "gemma2"), "gemma2"),
     }
 
 
 RESPONSES = ["yes a", "no the cat sat on a mat fast and then ran", "one"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_pad_eq_eos", "llama_no_pad", "qwen2", "minilm"])
+@pytest.mark.parametrize("kind", ["llama", "llama_pad_eq_eos", "llama_no_pad", "qwen2", "mistral", "gemma", "gemma2",
+                                  "minilm"])
 def test_rewards_match_a_plain_hf_reload_batched_and_one_by_one(models, kind, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
