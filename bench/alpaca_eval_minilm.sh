@@ -46,7 +46,8 @@ for seed in $SEEDS; do
       resume=(); [[ -e "$out/resume/latest" ]] && resume=(--resume)
       t0=$SECONDS
       # [CLS] + the end of over-long inputs are kept (MiniLM has 512 positions)
-      "$PY" train_rm.py --model "$MINILM" --train-file "$RUNS/data/train.jsonl" --out "$out" --loss "$loss" --lam "$LAM" --seed "$seed" --lr "$LR" --epochs "$EPOCHS" \
+      "$PY" train_rm.py --model "$MINILM" --train-file "$RUNS/data/train.jsonl" --out "$out" \
+        --loss "$loss" --lam "$LAM" --seed "$seed" --lr "$LR" --epochs "$EPOCHS" \
         --global-batch-size 32 --micro-batch-size 32 --max-length "$MAX_LENGTH" --truncate \
         --max-tokens-per-forward 8192 --norm-stats-pairs 512 "${resume[@]}"
       echo "[alpaca_eval_minilm] $loss seed $seed: $((SECONDS - t0)) s"
