@@ -603,6 +603,10 @@ def _cell(m, key, digits=4, ci=False):  # "value [ci_low, ci_high]"
     return _f(m.get(key), digits) + (f" [{lo:.3f}, {hi:.3f}]" if ci and lo is not None and not math.isnan(lo) else "")
 
 
+def _mean_std(stat):  # a std over one seed would read as "no spread"; show the value alone
+    return f"{_f(stat['mean'])} ± {_f(stat['std'])}" if stat["n"] > 1 else _f(stat["mean"])
+
+
 def _dist(m, prefix):  # "mean ± std (skew)"
     return f"{_f(m[prefix + '/mean'], 3)} ± {_f(m[prefix + '/std'], 3)} ({_f(m[prefix + '/skew'], 2)})"
 
@@ -658,8 +662,7 @@ def write_report_md(path, report, sets, figures):
     if report.get("groups"):
         md += ["\n## Mean ± std over seeds\n\n",
                _table(["Method", "Seeds"] + [title for _, title in SEED_TABLE],
-                      [[g, str(len(v["members"]))] + [f"{_f(v[k]['mean'])} ± {_f(v[k]['std'])}" if k in v else "n/a"
-                                                      for k, _ in SEED_TABLE] for g, v in report["groups"].items()])]
+                      [[g, str(len(v["members"]))] + [_mean_std(v[k]) if k in v else "n/a" for k, _ in SEED_TABLE] for g, v in report["groups"].items()])]
     if report.get("rloo"):
         runs = report["rloo"]
         sft = next((r["sft"] for r in runs.values() if r.get("sft")), None)

@@ -399,6 +399,8 @@ def test_seed_groups_mean_and_std_by_hand():
     assert groups["bt"]["id/accuracy"]["mean"] == pytest.approx(0.7)
     assert groups["bt"]["id/accuracy"]["std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std, ddof=1
     assert groups["bsr"]["wp_norm"] == {"mean": pytest.approx(1.1), "std": 0.0, "n": 1}  # NaN seed left out
+    assert eval_rm._mean_std(groups["bt"]["id/accuracy"]) == "0.7000 ± 0.1414"
+    assert eval_rm._mean_std(groups["bsr"]["wp_norm"]) == "1.1000"  # one seed: no "± 0"
 
 
 def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
