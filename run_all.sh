@@ -9,7 +9,7 @@
 #   PRESET=skywork NUM_GPUS=8 LAMS="1e-4 1e-3 1e-2" bash run_all.sh      Section 3.3 / Table 2 (RM-Bench)
 #   HOSTFILE=hostfile PRESET=paper bash run_all.sh                       several nodes (shared filesystem)
 #
-# Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (BSR lambdas),
+# Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
 # RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
 # PYTHON. Each stage writes its own folder under RUNS; a
@@ -123,9 +123,11 @@ fi
 EVAL_MODELS=()
 for seed in $SEEDS; do
   for loss in $LOSSES; do
-    lams=("1e-3"); [[ $loss == bsr || $loss == center ]] && read -r -a lams <<< "$LAMS"
+    # LAMS applies to the losses with a lambda; their folders name it unless it is the paper's single default
+    lams=("1e-3"); lam_in_name=0
+    if [[ $loss == bsr || $loss == center ]]; then read -r -a lams <<< "$LAMS"; [[ "$LAMS" != "1e-3" ]] && lam_in_name=1; fi
     for lam in "${lams[@]}"; do
-      name=$loss; [[ $loss == bsr && "$LAMS" != "1e-3" ]] && name="bsr_lam$lam"
+      name=$loss; (( lam_in_name )) && name="${loss}_lam$lam"
       out=$RUNS/rm/$name/seed$seed
       stage "rm $name seed $seed" "$out/config.json" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
         --train-file "$RUNS/data/train.jsonl" --eval-file "$RUNS/data/valid_id.jsonl" --out "$out" \

@@ -95,7 +95,7 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
     import importlib
 
     cases = [dict(PRESET="toy"), dict(PRESET="paper", NUM_GPUS="8", SEEDS="1 2", LOSSES="bt bsr hinge norm dr"),
-             dict(PRESET="skywork", HOSTFILE="hostfile", LAMS="1e-4 1e-3 1e-2")]
+             dict(PRESET="skywork", HOSTFILE="hostfile", LOSSES="bt bsr center", LAMS="1e-4 1e-3 1e-2")]
     for env in cases:
         runs = tmp_path / env["PRESET"]
         commands = dry_run_commands(runs, **env)
@@ -113,5 +113,7 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
         if env["PRESET"] == "skywork":
             lams = sorted(a[a.index("--lam") + 1] for s, a in commands if s == "train_rm" and "bsr" in a)
             assert lams == ["1e-2", "1e-3", "1e-4"]
+            outs = [a[a.index("--out") + 1] for s, a in commands if s == "train_rm"]
+            assert len(outs) == 7 and len(set(outs)) == 7  # bt + 3 lambdas each of bsr and center, one folder each
             report = [a for s, a in commands if s == "eval_rm"][-1]
             assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
