@@ -603,8 +603,12 @@ def _cell(m, key, digits=4, ci=False):  # "value [ci_low, ci_high]"
     return _f(m.get(key), digits) + (f" [{lo:.3f}, {hi:.3f}]" if ci and lo is not None and not math.isnan(lo) else "")
 
 
+def _pm(value, spread):  # "value ± spread"
+    return f"{_f(value)} ± {_f(spread)}"
+
+
 def _mean_std(stat):  # a std over one seed would read as "no spread"; show the value alone
-    return f"{_f(stat['mean'])} ± {_f(stat['std'])}" if stat["n"] > 1 else _f(stat["mean"])
+    return _pm(stat["mean"], stat["std"]) if stat["n"] > 1 else _f(stat["mean"])
 
 
 def _dist(m, prefix):  # "mean ± std (skew)"
@@ -662,16 +666,17 @@ def write_report_md(path, report, sets, figures):
     if report.get("groups"):
         md += ["\n## Mean ± std over seeds\n\n",
                _table(["Method", "Seeds"] + [title for _, title in SEED_TABLE],
-                      [[g, str(len(v["members"]))] + [_mean_std(v[k]) if k in v else "n/a" for k, _ in SEED_TABLE] for g, v in report["groups"].items()])]
+                      [[g, str(len(v["members"]))] + [_mean_std(v[k]) if k in v else "n/a" for k, _ in SEED_TABLE]
+                       for g, v in report["groups"].items()])]
     if report.get("rloo"):
         runs = report["rloo"]
         sft = next((r["sft"] for r in runs.values() if r.get("sft")), None)
-        lines = [["SFT (step 0)", _f(sft["gold_reward"]) + f" ± {_f(sft['gold_reward_sem'])}",
+        lines = [["SFT (step 0)", _pm(sft["gold_reward"], sft["gold_reward_sem"]),
                   _f(sft["length_tokens"], 1), _f(sft["length_chars"], 1), "", "", ""]] if sft else []
         for name, r in runs.items():
             fin = r.get("final") or {}
             lines.append([f"{name} (RM `{r['reward_model']}`, step {fin.get('step')})",
-                          _f(fin.get("gold_reward")) + f" ± {_f(fin.get('gold_reward_sem'))}",
+                          _pm(fin.get("gold_reward"), fin.get("gold_reward_sem")),
                           _f(fin.get("length_tokens"), 1), _f(fin.get("length_chars"), 1),
                           _f(r["train/proxy_reward"]), _f(r["train/kl"]), _f(r["train/response_length"], 1)])
         md += ["\n## RLHF with each reward model (paper Table 3 layout; held-out prompts, gold r*, mean ± s.e.)\n\n",
@@ -737,7 +742,8 @@ def plot_all(out, report, sets, scores_all):
         bins = np.linspace(lo - 1e-3 * (abs(lo) + 1), hi + 1e-3 * (abs(hi) + 1), 41)
         for m, d in data.items():
             ax.hist(d, bins=bins, density=True, histtype="stepfilled", alpha=0.25, color=color[m])
-            ax.hist(d, bins=bins, density=True, histtype="step", color=color[m], label=f"{m}: {d.mean():.4g} ± {d.std():.3g}")
+            ax.hist(d, bins=bins, density=True, histtype="step", color=color[m],
+                    label=f"{m}: {d.mean():.4g} ± {d.std():.3g}")
         ax.set(title=TITLES[n], xlabel="||h(x, y)||", ylabel="density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
@@ -770,8 +776,8 @@ def plot_all(out, report, sets, scores_all):
     values = [models[label]["wp_norm"] for label in labels]
     bars = ax.bar(range(len(labels)), values, color=[color[method[label]] for label in labels])
     ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
-                  fontsize=8)
+    many = len(labels) > 4  # slanted labels so that "bsr_lam1e-3_seed2" does not overlap its neighbours
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
     ax.axhline(1.0, ls="--", color="gray", label="initialisation, E||Wp|| ≈ 1")
     ax.set(ylabel="||Wp||", title="Reward head norm per model (paper Fig. 1)", ylim=(0, max(values + [1.0]) * 1.4))
     ax.legend(loc="upper left", fontsize=8)
