@@ -248,19 +248,6 @@ def _rows(source, split):
     """(where, row) from a JSON list file (RM-Bench's native format), a JSONL file or a hub dataset id."""
     from utils import DataError, iter_rows
 
-    if source.endswith(".json") and os.path.isfile(source):
-        with open(source, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{source}: expected a JSON list of items, got {type(data).__name__}")
-        for i, row in enumerate(data):
-            if not isinstance(row, dict):
-                raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
-            yield f"{source}[{i}]", row
-        return
     try:
         yield from iter_rows(source, split)
     except DataError:

@@ -651,11 +651,9 @@ def source_alpaca_eval(args, skipped):
         if not os.path.exists(path):
             count(skipped, "source", f"model folder without {args.annotator}/annotations.json")
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        from utils import read_json
+
+        records = read_json(path)  # UTF-8 (BOM allowed); bad bytes or JSON name file:line
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a list of annotation records, got {type(records).__name__}")
         models.append(model)

@@ -106,12 +106,32 @@ class DataError(ValueError):
     """Bad input data. The message names the source, the row (line) and the field."""
 
 
+def _decode(raw, path, lineno, first):
+    """One line's bytes -> str; invalid UTF-8 is a DataError naming file and line (a BOM on line 1 is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                        "line); save the file as UTF-8") from None
+
+
+def _open_bytes(path):
+    import gzip
+
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
 def read_jsonl(path):
-    """Yield (line_number, dict) for each non-blank line; a line that is not a JSON object is an error."""
+    """Yield (line_number, dict) for each non-blank line; a line that is not a JSON object is an error.
+
+    Lines are decoded one by one, so invalid UTF-8 names its line; a UTF-8 BOM at the start is read as nothing.
+    A .gz file is read through gzip (hh-rlhf ships train.jsonl.gz).
+    """
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with _open_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, lineno, lineno == 1)
             if not line.strip():
                 continue
             try:
@@ -123,6 +143,29 @@ def read_jsonl(path):
             yield lineno, row
 
 
+def read_json(path):
+    """A whole JSON file (e.g. RM-Bench's or AlpacaEval's lists): UTF-8 with an optional BOM; errors say file:line."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with _open_bytes(path) as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    text = "\n".join(_decode(raw, path, i, i == 1) for i, raw in enumerate(lines, 1))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _is_json_list(path):
+    """True when a local file (not named .jsonl) holds one JSON list rather than JSON lines."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        return False
+    with _open_bytes(path) as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
 def write_jsonl(path, rows):
     """Write rows atomically (temp file + rename): a crash never leaves a half-written file."""
     with atomic_path(path) as tmp:
@@ -132,8 +175,17 @@ def write_jsonl(path, rows):
 
 
 def iter_rows(source, split="train"):
-    """Rows of a local JSONL file or of a hub dataset id, as (where, dict); `where` reads 'file:line'."""
-    if source.endswith(".jsonl") or os.path.isfile(source):
+    """Rows of a local JSONL file, a local JSON list file, or a hub dataset id, as (where, dict).
+
+    `where` reads 'file:line' (JSONL), 'file[i]' (the i-th item of a JSON list) or 'id[split] row i'.
+    """
+    if os.path.isfile(source) and _is_json_list(source):
+        data = read_json(source)
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
+            yield f"{source}[{i}]", row
+    elif source.endswith((".jsonl", ".jsonl.gz")) or os.path.isfile(source):
         for lineno, row in read_jsonl(source):
             yield f"{source}:{lineno}", row
     else:  # a hub dataset id (or a local dataset folder): the real `load_dataset` path

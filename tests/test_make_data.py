@@ -407,6 +407,23 @@ def test_jsonl_bad_input_names_file_line_field(tmp_path, objs, match):
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
 
 
+def test_invalid_utf8_names_file_and_line_and_a_bom_is_read(tmp_path):
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    train = tmp_path / "t.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a UTF-8 BOM: simply read
+    m = md.main(["--source", "jsonl", "--train-file", str(train), "--out", str(tmp_path / "out")])
+    assert m["counts"]["train.jsonl"] == 1 and rows(tmp_path / "out", "train.jsonl")[0]["prompt"] == "p"
+    train.write_bytes(good + b"\n" + good.replace(b'"b"', b'"\xff"') + b"\n")
+    with pytest.raises(SystemExit, match=r"data error: .*t\.jsonl:2: invalid UTF-8 \(byte 0xff"):
+        md.main(["--source", "jsonl", "--train-file", str(train), "--out", str(tmp_path / "out2")])
+    write_alpaca_eval(str(tmp_path / "ae"), n_prompts=2)  # AlpacaEval's annotations.json: a JSON list
+    path = tmp_path / "ae" / "results" / "claude-2" / "weighted_alpaca_eval_gpt4_turbo" / "annotations.json"
+    path.write_bytes(path.read_bytes().replace(b"claude-2 says 1", b"claude-2 says \xc3("))
+    with pytest.raises(SystemExit, match=r"data error: .*claude-2/weighted_alpaca_eval_gpt4_turbo/annotations\.json:1: "
+                                         r"invalid UTF-8"):
+        md.main(["--source", "alpaca_eval", "--alpaca-eval-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "o3")])
+
+
 def test_out_folder_of_something_else_is_not_replaced(tmp_path):
     (tmp_path / "keep.txt").write_text("a run of another stage")
     with pytest.raises(SystemExit, match="did not write"):

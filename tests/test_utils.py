@@ -201,6 +201,36 @@ def test_conversation_rows_without_prompt_split_at_the_shared_prefix(models, tmp
     assert ids_r == utils.encode_prompt_response(tok, [user], [{"role": "assistant", "content": "three"}])
 
 
+def test_invalid_utf8_names_file_and_line_and_a_bom_is_read(models, tmp_path):
+    tok = utils.load_tokenizer(models["llama"])
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    bad = good.replace(b'"a"', b'"caf\xe9"')  # latin-1 'é' (byte 31 of the line): not UTF-8
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"\n")  # BOM, as Windows editors write it
+    pairs, skipped = load_pairs(str(path), "train", tok, 512, False)
+    assert len(pairs) == 2 and not skipped and pairs[0] == pairs[1]
+    path.write_bytes(good + b"\n" + good + b"\n" + bad + b"\n")
+    with pytest.raises(utils.DataError, match=r"t\.jsonl:3: invalid UTF-8 \(byte 0xe9 at byte 31 of the line\)"):
+        load_pairs(str(path), "train", tok, 512, False)
+    # a JSON list file (RM-Bench's and AlpacaEval's format) is read the same way, by train_rm too
+    lst = tmp_path / "l.json"
+    lst.write_bytes(b"\xef\xbb\xbf[\n" + good + b",\n" + good + b"\n]\n")
+    assert [where for where, _ in utils.iter_rows(str(lst))] == [f"{lst}[0]", f"{lst}[1]"]
+    assert load_pairs(str(lst), "train", tok, 512, False)[0] == pairs
+    lst.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]\n")
+    with pytest.raises(utils.DataError, match=r"l\.json:3: invalid UTF-8"):
+        list(utils.iter_rows(str(lst)))
+    lst.write_bytes(b"[\n" + good + b",\n" + good + b"\n")
+    with pytest.raises(utils.DataError, match=r"l\.json:4: not valid JSON"):
+        list(utils.iter_rows(str(lst)))
+    import gzip
+
+    with gzip.open(tmp_path / "t.jsonl.gz", "wb") as f:  # hh-rlhf ships train.jsonl.gz
+        f.write(good + b"\n" + bad + b"\n")
+    with pytest.raises(utils.DataError, match=r"t\.jsonl\.gz:2: invalid UTF-8"):
+        load_pairs(str(tmp_path / "t.jsonl.gz"), "train", tok, 512, False)
+
+
 def test_hub_dataset_path_reads_a_local_dataset_folder(models, tmp_path):
     """`--train-file <hub id>` goes through load_dataset(name); a local folder in Skywork's schema stands in."""
     folder = tmp_path / "skywork_like"
