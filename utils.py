@@ -196,6 +196,11 @@ def iter_rows(source, split="train"):
             yield f"{source}[{split}] row {i}", row
 
 
+# The roles every chat template we meet renders; anything else ('robot', 'tool' without a tool-aware template) would
+# be trained on silently or crash inside jinja2, so it is refused when the row is read.
+ROLES = ("system", "user", "assistant")
+
+
 def as_messages(value, role, where, field):
     """A prompt/response given as a string or as a chat message list -> a validated message list."""
     if isinstance(value, str):
@@ -205,6 +210,8 @@ def as_messages(value, role, where, field):
         for j, m in enumerate(value):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(f"{where}: field '{field}'[{j}] must be a message {{'role': str, 'content': str}}")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: field '{field}'[{j}].role is {m['role']!r} (expected {', '.join(ROLES)})")
             msgs.append({"role": m["role"], "content": m["content"]})
         return msgs
     raise DataError(f"{where}: field '{field}' must be a string or a non-empty list of chat messages, "

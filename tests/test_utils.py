@@ -164,6 +164,10 @@ def _write(path, lines):
     ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "t.jsonl:2: field 'chosen' must be a string"),
     ('{"prompt": ["p"], "chosen": "a", "rejected": "b"}', "t.jsonl:2: field 'prompt'\\[0\\] must be a message"),
     ('{"prompt": "p", "chosen": "a", "rejected": []}', "t.jsonl:2: field 'rejected' must be a string or a non-empty"),
+    ('{"prompt": "p", "chosen": [{"role": "robot", "content": "a"}], "rejected": "b"}',
+     "t.jsonl:2: field 'chosen'\\[0\\].role is 'robot' \\(expected system, user, assistant\\)"),
+    ('{"prompt": [{"role": "tool", "content": "p"}], "chosen": "a", "rejected": "b"}',
+     "t.jsonl:2: field 'prompt'\\[0\\].role is 'tool'"),
 ])
 def test_malformed_rows_are_errors_naming_file_line_and_field(models, tmp_path, line, message):
     tok = utils.load_tokenizer(models["llama"])
