@@ -40,7 +40,7 @@ DOMAINS = ("chat", "math", "code", "safety")  # RM-Bench's domains, in the paper
 SUBSET_DOMAIN = (("alpacaeval", "chat"), ("mt-bench", "chat"), ("llmbar", "chat"), ("hep-", "code"),
                  ("bigcode/humanevalpack", "code"), ("humanevalpack", "code"), ("math", "math"), ("xstest", "safety"),
                  ("refusals", "safety"), ("donotanswer", "safety"), ("do-not-answer", "safety"))
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: hh-rlhf transcripts parsed into turns (scores of such files changed)
 
 # ===================================================================================================
 # ALGORITHM CORE: the metrics (each checked against scipy or a hand computation in tests/test_eval_rm.py)

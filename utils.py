@@ -11,6 +11,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -218,21 +219,56 @@ def as_messages(value, role, where, field):
                     f"got {type(value).__name__}{' (empty)' if isinstance(value, list) else ''}")
 
 
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def is_transcript(value):
+    """True for an Anthropic hh-rlhf style string: '\\n\\nHuman: ...\\n\\nAssistant: ...'."""
+    return isinstance(value, str) and re.match(r"\s*Human:", value) is not None and "\n\nAssistant:" in value
+
+
+def parse_transcript(text, where, field):
+    """A 'Human: / Assistant:' transcript (hh-rlhf) -> user/assistant messages, contents stripped.
+
+    Turns are split only at a blank line followed by 'Human:' or 'Assistant:' (so a turn may hold blank lines).
+    A prompt may end with an empty 'Assistant:' (the split hh format: prompt up to the reply, chosen = the reply);
+    that turn is dropped. A chosen/rejected transcript must end with an 'Assistant:' turn.
+    """
+    parts = _HH_TURN.split("\n\n" + text.lstrip())
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+             for who, body in zip(parts[1::2], parts[2::2])]
+    if field == "prompt":
+        if turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+            turns.pop()
+    elif turns[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field '{field}' is a Human:/Assistant: transcript (hh-rlhf format) whose last turn "
+                        f"is 'Human:', not the 'Assistant:' response")
+    return turns
+
+
 def parse_pair(row, where):
     """One preference row -> (prompt_messages, chosen_messages, rejected_messages), or a skip reason.
 
     Accepts {prompt, chosen, rejected} with strings or message lists, and {chosen, rejected} full
     conversations without a prompt (Skywork-Reward-Preference-80K format: the shared leading messages
-    are the prompt). Structural problems raise DataError; empty responses and chosen == rejected return
+    are the prompt). A string in the Anthropic hh-rlhf form ('\\n\\nHuman: ...\\n\\nAssistant: ...') is parsed
+    into turns first, so an hh-rlhf row {chosen, rejected} splits at its shared leading turns too.
+    Structural problems raise DataError; empty responses and chosen == rejected return
     ('skip', reason) so the caller can count them.
     """
     for field in ("chosen", "rejected"):
         if field not in row:
             raise DataError(f"{where}: missing field '{field}'")
-    chosen = as_messages(row["chosen"], "assistant", where, "chosen")
-    rejected = as_messages(row["rejected"], "assistant", where, "rejected")
-    if row.get("prompt") is not None:
-        prompt = as_messages(row["prompt"], "user", where, "prompt")
+    fields = ("chosen", "rejected") + (("prompt",) if row.get("prompt") is not None else ())
+    value = {f: parse_transcript(row[f], where, f) if is_transcript(row[f]) else row[f] for f in fields}
+    if "prompt" not in value and is_transcript(row["chosen"]) != is_transcript(row["rejected"]):
+        one, other = ("chosen", "rejected") if is_transcript(row["chosen"]) else ("rejected", "chosen")
+        raise DataError(f"{where}: field '{one}' is a Human:/Assistant: transcript (hh-rlhf format) but '{other}' "
+                        "is not; without a 'prompt' both must be whole transcripts")
+    chosen = as_messages(value["chosen"], "assistant", where, "chosen")
+    rejected = as_messages(value["rejected"], "assistant", where, "rejected")
+    if "prompt" in value:
+        prompt = as_messages(value["prompt"], "user", where, "prompt")
         for msgs in (chosen, rejected):  # conversational rows may repeat the prompt inside chosen/rejected
             if msgs[: len(prompt)] == prompt and len(msgs) > len(prompt):
                 del msgs[: len(prompt)]

@@ -164,6 +164,7 @@ def _write(path, lines):
     ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "t.jsonl:2: field 'chosen' must be a string"),
     ('{"prompt": ["p"], "chosen": "a", "rejected": "b"}', "t.jsonl:2: field 'prompt'\\[0\\] must be a message"),
     ('{"prompt": "p", "chosen": "a", "rejected": []}', "t.jsonl:2: field 'rejected' must be a string or a non-empty"),
+    ('{"prompt": "p", "chosen": "a", "rejected": null}', "t.jsonl:2: field 'rejected' must be a string"),
     ('{"prompt": "p", "chosen": [{"role": "robot", "content": "a"}], "rejected": "b"}',
      "t.jsonl:2: field 'chosen'\\[0\\].role is 'robot' \\(expected system, user, assistant\\)"),
     ('{"prompt": [{"role": "tool", "content": "p"}], "chosen": "a", "rejected": "b"}',
@@ -233,6 +234,41 @@ def test_invalid_utf8_names_file_and_line_and_a_bom_is_read(models, tmp_path):
         f.write(good + b"\n" + bad + b"\n")
     with pytest.raises(utils.DataError, match=r"t\.jsonl\.gz:2: invalid UTF-8"):
         load_pairs(str(tmp_path / "t.jsonl.gz"), "train", tok, 512, False)
+
+
+HH_PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three plus three?"
+HH_ROW = {"chosen": HH_PREFIX + "\n\nAssistant: Six.\n\nThree plus three is six.",
+          "rejected": HH_PREFIX + "\n\nAssistant: I would rather not say."}
+
+
+def test_hh_rlhf_transcripts_split_into_turns_at_the_shared_prefix(models, tmp_path):
+    """Anthropic hh-rlhf rows: Human:/Assistant: turns; the shared leading turns are the prompt."""
+    tok = utils.load_tokenizer(models["llama"])
+    prompt = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."},
+              {"role": "user", "content": "And three plus three?"}]
+    chosen = [{"role": "assistant", "content": "Six.\n\nThree plus three is six."}]  # a blank line inside a turn
+    rejected = [{"role": "assistant", "content": "I would rather not say."}]
+    assert utils.parse_pair(HH_ROW, "x") == (prompt, chosen, rejected)
+    # the split form (prompt up to an empty 'Assistant:', chosen/rejected the replies) gives the same pair
+    split = {"prompt": HH_PREFIX + "\n\nAssistant:", "chosen": " Six.\n\nThree plus three is six.",
+             "rejected": " I would rather not say."}
+    p, c, r = utils.parse_pair(split, "x")
+    assert p == prompt and c[0]["content"].strip() == chosen[0]["content"]
+    empty_reply = dict(HH_ROW, rejected=HH_PREFIX + "\n\nAssistant:")
+    path = _write(tmp_path / "hh.jsonl", [json.dumps(HH_ROW), json.dumps(empty_reply)])
+    pairs, skipped = load_pairs(path, "train", tok, 512, False)
+    assert len(pairs) == 1 and skipped == {"empty response": 1}
+    ids_c, ids_r = pairs[0]
+    assert ids_c == utils.encode_prompt_response(tok, prompt, chosen)
+    assert ids_r == utils.encode_prompt_response(tok, prompt, rejected)
+    assert tok.decode(ids_c).count("<|user|>") == 2  # two user turns, not one assistant blob
+    for row, message in ((dict(HH_ROW, chosen=HH_PREFIX), "3: field 'chosen' is a Human:/Assistant: transcript "
+                          "\\(hh-rlhf format\\) whose last turn is 'Human:'"),
+                         (dict(HH_ROW, rejected="I would rather not say."), "3: field 'chosen' is a Human:/Assistant: "
+                          "transcript \\(hh-rlhf format\\) but 'rejected' is not")):
+        path = _write(tmp_path / "hh.jsonl", [json.dumps(HH_ROW)] * 2 + [json.dumps(row)])
+        with pytest.raises(utils.DataError, match=r"hh\.jsonl:" + message):
+            load_pairs(path, "train", tok, 512, False)
 
 
 def test_hub_dataset_path_reads_a_local_dataset_folder(models, tmp_path):
