@@ -155,9 +155,10 @@ def parse_args(argv=None):
                    help="make_data.py output: valid_id / valid_prompt_ood / valid_response_ood / valid_mutual_ood / "
                         "train .jsonl (a missing file drops that scenario, with a note)")
     p.add_argument("--rm-bench", action="append", default=None,
-                   help="RM-Bench in its native format: a .json list or .jsonl file (e.g. chat_filtered.json) or a hub "
-                        "id (THU-KEG/RM-Bench); repeat for several files; domain from the row's 'domain', the file "
-                        "name, or its 'subset'")
+                   help="RM-Bench in its native format: its data folder (chat_filtered.json, code_filtered.json, "
+                        "math_filtered.json, safety-refuse_filtered.json, safety-response_filtered.json), one .json "
+                        "list or .jsonl file, or a hub id (THU-KEG/RM-Bench); repeat for several; domain from the "
+                        "row's 'domain', the file name, or its 'subset'")
     p.add_argument("--rm-bench-split", default="train", help="split, when --rm-bench is a hub dataset")
     p.add_argument("--out", required=True, help="output folder for report.json, report.md, plots, cache")
     p.add_argument("--train-file", default=None,
@@ -317,10 +318,37 @@ def rm_bench_domain(row, source):
     return next((d for prefix, d in SUBSET_DOMAIN if subset.startswith(prefix)), None)
 
 
+# RM-Bench's own data folder (github.com/THU-KEG/RM-Bench, data/): one file per domain, the domain in the file name.
+# Its total_dataset.json holds all of them in one file, so a folder is read as exactly these files (no item twice).
+RM_BENCH_FILES = ("chat_filtered.json", "code_filtered.json", "math_filtered.json", "safety-refuse_filtered.json",
+                  "safety-response_filtered.json")
+
+
+def rm_bench_files(sources):
+    """--rm-bench values -> files: a folder becomes the RM_BENCH_FILES it holds; a file or hub id stays as is."""
+    from utils import DataError, print0
+
+    files = []
+    for source in sources:
+        if not os.path.isdir(source):
+            files.append(source)
+            continue
+        found = [os.path.join(source, f) for f in RM_BENCH_FILES if os.path.isfile(os.path.join(source, f))]
+        if not found:
+            raise DataError(f"{source}: a folder without RM-Bench's native files ({', '.join(RM_BENCH_FILES)}); "
+                            "pass the folder that holds them, a single .json/.jsonl file, or a hub id")
+        missing = [f for f in RM_BENCH_FILES if not os.path.isfile(os.path.join(source, f))]
+        if missing:
+            print0(f"[data] {source}: no {', '.join(missing)}; RM-Bench is averaged over the domains present")
+        files += found
+    return files
+
+
 def load_rm_bench(sources, split):
     """RM-Bench items {prompt, chosen: [3], rejected: [3], domain | subset} -> EvalSet of 6 responses each."""
     from utils import DataError, as_messages
 
+    sources = rm_bench_files(sources)
     s = EvalSet("rm_bench", sources)
     s.has_gold = False
     for source in sources:

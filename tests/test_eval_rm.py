@@ -224,6 +224,31 @@ def test_loaders_bad_input(tmp_path):
         eval_rm.load_rm_bench([str(bench)], "train")
 
 
+def test_rm_bench_native_folder_reads_its_files_with_the_domain_from_each_name(tmp_path):
+    """RM-Bench's data/ folder: files with different columns (which `datasets` refuses to join), domain by file name."""
+    def item(i, **extra):
+        return {"id": i, "prompt": f"p{i}", "chosen": ["a", "b", "c"], "rejected": ["d", "e", "f"], **extra}
+
+    folder = tmp_path / "rm_bench_data"
+    folder.mkdir()
+    files = {"chat_filtered.json": [item(0, subset="xstest-should-respond"), item(1)],  # the file name wins
+             "code_filtered.json": [item(2, language="python", task_id="t2")],
+             "safety-response_filtered.json": [item(3, subset="donotanswer")],
+             "total_dataset.json": [item(9)] * 4}  # the same items again in RM-Bench's repo: not read
+    for name, rows in files.items():
+        (folder / name).write_text(json.dumps(rows, indent=1))
+    s = eval_rm.load_rm_bench([str(folder)], "train")
+    assert s.sources == [str(folder / n) for n in ("chat_filtered.json", "code_filtered.json",
+                                                   "safety-response_filtered.json")]
+    assert s.rows_read == 4 and s.domain == ["chat", "chat", "code", "safety"] and s.group == ["0", "1", "2", "3"]
+    one = eval_rm.load_rm_bench([str(folder / "code_filtered.json")], "train")  # a single file still works
+    assert one.domain == ["code"] and one.prompts == [[{"role": "user", "content": "p2"}]]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "total_dataset.json").write_text("[]")
+    with pytest.raises(DataError, match=r"empty: a folder without RM-Bench's native files \(chat_filtered\.json"):
+        eval_rm.load_rm_bench([str(tmp_path / "empty")], "train")
+
+
 def test_model_without_head_is_refused(tmp_path, tiny_llama):
     from transformers import BertConfig, BertModel
 
