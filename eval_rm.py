@@ -10,6 +10,8 @@ rank, eq. 32), Table 2 (RM-Bench), Table 5 (accuracy / Kendall's tau).
     python eval_rm.py --model runs/toy/rm_bt --model runs/toy/rm_bsr --data-dir runs/toy/data --out runs/toy/eval
     # add RM-Bench (native JSON list, JSONL, or a hub id); a third-party RM needs no --data-dir
     python eval_rm.py --model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --rm-bench THU-KEG/RM-Bench --out eval_sky
+    # RM-Bench's own data folder (chat_filtered.json, ...), and plain preference test sets (any train_rm.py format)
+    python eval_rm.py --model runs/toy/rm_bsr --rm-bench RM-Bench/data --pairs hh=hh_test.jsonl --out runs/toy/eval2
     # several GPUs: sequences are sharded over ranks (each rank holds a full copy of the model)
     deepspeed --num_gpus 8 eval_rm.py --model runs/rm_bt --model runs/rm_bsr --data-dir data --out runs/eval
     torchrun --nproc_per_node 8 eval_rm.py ...same flags...
@@ -35,6 +37,7 @@ FILES = {"id": "valid_id.jsonl", "prompt_ood": "valid_prompt_ood.jsonl", "respon
          "mutual_ood": "valid_mutual_ood.jsonl", "train": "train.jsonl"}
 TITLES = {"id": "In-Domain", "prompt_ood": "Prompt OOD", "response_ood": "Response OOD", "mutual_ood": "Mutual OOD",
           "train": "Train sample", "rm_bench": "RM-Bench"}
+PAIRS = "pairs/"  # set name prefix of --pairs NAME=FILE: keys read pairs/NAME/accuracy, norms/pairs/NAME/...
 DOMAINS = ("chat", "math", "code", "safety")  # RM-Bench's domains, in the paper's Table 2 order
 # RewardBench-style `subset` names RM-Bench items were built from -> RM-Bench domain (prefix match)
 SUBSET_DOMAIN = (("alpacaeval", "chat"), ("mt-bench", "chat"), ("llmbar", "chat"), ("hep-", "code"),
@@ -160,6 +163,12 @@ def parse_args(argv=None):
                         "list or .jsonl file, or a hub id (THU-KEG/RM-Bench); repeat for several; domain from the "
                         "row's 'domain', the file name, or its 'subset'")
     p.add_argument("--rm-bench-split", default="train", help="split, when --rm-bench is a hub dataset")
+    p.add_argument("--pairs", action="append", default=None, metavar="NAME=FILE",
+                   help="a preference test set, RewardBench-style: accuracy with a bootstrap interval, ||h|| "
+                        "statistics and length bias under pairs/NAME/... keys; FILE is any pair format train_rm.py "
+                        "reads (JSONL or JSON list of prompt/chosen/rejected, chosen/rejected conversations, Anthropic "
+                        "hh-rlhf transcripts, a hub id); repeat per file, e.g. --pairs hh=hh_test.jsonl")
+    p.add_argument("--pairs-split", default="train", help="split, when a --pairs FILE is a hub dataset")
     p.add_argument("--out", required=True, help="output folder for report.json, report.md, plots, cache")
     p.add_argument("--train-file", default=None,
                    help="pairs for erank/train, norms/train and train/accuracy: JSONL or hub id (e.g. "
@@ -192,8 +201,17 @@ def parse_args(argv=None):
         name, _, folder = spec.partition("=")
         if not name or not os.path.isfile(os.path.join(folder, "summary.json")):
             p.error(f"--rloo {spec!r}: expected NAME=DIR with DIR/summary.json (an rloo.py output folder)")
-    if not args.data_dir and not args.rm_bench:
-        p.error("give --data-dir and/or --rm-bench")
+    names = []
+    for spec in args.pairs or []:
+        name, _, source = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not source:
+            p.error(f"--pairs {spec!r}: expected NAME=FILE, NAME of letters, digits, '_', '.', '-' "
+                    "(it names report keys)")
+        if name in names:
+            p.error(f"--pairs: the name {name!r} is given twice")
+        names.append(name)
+    if not args.data_dir and not args.rm_bench and not args.pairs:
+        p.error("give --data-dir, --rm-bench and/or --pairs")
     if args.name and len(args.name) != len(args.model):
         p.error(f"{len(args.name)} --name for {len(args.model)} --model")
     return args
@@ -390,6 +408,9 @@ def load_sets(args):
             print0(f"[data] {train} not found: 'train' left out (erank/train and erank/gap/* are null)")
     if args.rm_bench:
         sets.append(load_rm_bench(args.rm_bench, args.rm_bench_split))
+    for spec in args.pairs or []:
+        name, _, source = spec.partition("=")
+        sets.append(load_pair_set(PAIRS + name, source, split=args.pairs_split))
     for s in sets:
         print0(f"[data] {s.name}: {len(s.sizes)} prompts, {len(s.responses)} responses from {s.rows_read} rows"
                + "".join(f"; skipped {n} ({reason})" for reason, n in s.skipped.items()))
@@ -490,7 +511,8 @@ def fingerprint(args, model, s):
         paths = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
         return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in paths if os.path.isfile(f)]
 
-    only = {"train": (args.train_pairs, args.train_split), "rm_bench": args.rm_bench_split}.get(s.name)
+    only = {"train": (args.train_pairs, args.train_split), "rm_bench": args.rm_bench_split}.get(
+        s.name, args.pairs_split if s.name.startswith(PAIRS) else None)
     key = [CACHE_VERSION, files(model), [files(x) for x in s.sources], s.name, only, args.max_length, args.bf16,
            args.attn_implementation, args.erank_rows, args.seed]
     return hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
@@ -501,7 +523,8 @@ def cache_plan(model, label, sets, args):
     import utils
 
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
-    paths = {s.name: os.path.join(cache_dir, f"{label}-{s.name}-{fingerprint(args, model, s)}.pt") for s in sets}
+    paths = {s.name: os.path.join(cache_dir, f"{label}-{s.name.replace('/', '-')}-{fingerprint(args, model, s)}.pt")
+             for s in sets}
     cached = [] if args.no_cache else [n for n, p in paths.items() if os.path.exists(p)]
     return paths, sorted(set.intersection(*map(set, utils.gather_objects(cached))))
 
@@ -552,8 +575,30 @@ def fixed_keys():
     return keys + [f"rm_bench/{k}" for k in ("hard", "normal", "easy", "overall") + DOMAINS]
 
 
+def pairs_keys(name):
+    """The keys of one --pairs set (always present, null when the set is empty)."""
+    keys = [f"{name}/{k}" for k in ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_pairs", "longer_preferred",
+                                     "n_truncated")]
+    keys += [f"norms/{name}/{k}" for k in ("mean", "std", "skew", "p5", "p50", "p95")]
+    return keys + [f"diff_norms/{name}/{k}" for k in ("mean", "std", "skew", "p50")] + [f"length_corr/{name}"]
+
+
+def longer_share(first_wins, len_first, len_second):
+    """Share of pairs, among those whose two responses differ in length, where the longer one 'wins'.
+
+    first_wins: bool per pair (e.g. r(chosen) > r(rejected), or simply True for the data's own labels).
+    """
+    differ = len_first != len_second
+    if not differ.any():
+        return float("nan")
+    return float((first_wins == (len_first > len_second))[differ].mean())
+
+
 def model_metrics(sets, scores, wp_norm, args):
     out = dict.fromkeys(fixed_keys())
+    for s in sets:
+        if s.name.startswith(PAIRS):
+            out.update(dict.fromkeys(pairs_keys(s.name)))
     out["wp_norm"] = wp_norm
     boot = dict(n_boot=args.bootstrap, seed=args.seed)
     for s in (s for s in sets if s.sizes):
@@ -564,14 +609,18 @@ def model_metrics(sets, scores, wp_norm, args):
         out.update({f"diff_norms/{n}/{k}": diff[k] for k in ("mean", "std", "skew", "p50")})
         out[f"length_corr/{n}"] = spearman(rewards, s.lengths())
         out[f"{n}/n_truncated"] = int(sc["n_truncated"])
-        if n in ("id", "train"):  # pairs: accuracy pooled per prompt_id, bootstrap over prompts
+        if n in ("id", "train") or n.startswith(PAIRS):  # pairs: accuracy pooled per prompt_id, bootstrap over prompts
             pairs = np.array(s.pairs).reshape(-1, 2)
             correct = (rewards[pairs[:, 0]] > rewards[pairs[:, 1]]).astype(float)
             groups, inv = np.unique(np.array(s.group), return_inverse=True)
             c, t = np.bincount(inv, correct, len(groups)), np.bincount(inv, minlength=len(groups)).astype(float)
             out[f"{n}/accuracy"] = float(correct.mean()) if len(correct) else float("nan")
-            if n == "id":
-                out["id/accuracy_ci_low"], out["id/accuracy_ci_high"] = bootstrap_ci(c, t, **boot)
+            if n != "train":
+                out[f"{n}/accuracy_ci_low"], out[f"{n}/accuracy_ci_high"] = bootstrap_ci(c, t, **boot)
+            if n.startswith(PAIRS):  # length bias: how often the longer response gets the higher reward
+                lengths = s.lengths()
+                out[f"{n}/n_pairs"] = len(pairs)
+                out[f"{n}/longer_preferred"] = longer_share(correct > 0, lengths[pairs[:, 0]], lengths[pairs[:, 1]])
         elif n in SCENARIOS:  # ranked: tau-b per prompt (rows grouped by response count), NaN-safe mean
             taus, correct, total = [], [], []
             for k in sorted(set(s.sizes)):
@@ -593,11 +642,13 @@ def model_metrics(sets, scores, wp_norm, args):
         elif n == "rm_bench":
             r = rewards.reshape(-1, 6)  # every item: 3 chosen then 3 rejected
             out.update({f"rm_bench/{k}": v for k, v in rm_bench_scores(r[:, :3], r[:, 3:], s.domain).items()})
-    # effective rank on the same number of rows for every set (erank is bounded by the row count)
-    sizes = [len(scores[s.name]["hidden_sample"]) for s in sets if s.sizes]
+    # effective rank on the same number of rows for every set (erank is bounded by the row count); --pairs sets are
+    # left out, so that a small test file does not cut the rows of the paper's sets
+    ranked = [s for s in sets if s.sizes and not s.name.startswith(PAIRS)]
+    sizes = [len(scores[s.name]["hidden_sample"]) for s in ranked]
     n_rows = min([args.erank_rows] + sizes)
     out["erank/n_rows"] = n_rows
-    erank = {s.name: effective_rank(scores[s.name]["hidden_sample"][:n_rows]) for s in sets if s.sizes}
+    erank = {s.name: effective_rank(scores[s.name]["hidden_sample"][:n_rows]) for s in ranked}
     out.update({f"erank/{k}": v for k, v in erank.items()})
     if "train" in erank:
         out.update({f"erank/gap/{k}": v - erank["train"] for k, v in erank.items() if k != "train"})
@@ -607,6 +658,10 @@ def model_metrics(sets, scores, wp_norm, args):
 # ===================================================================================================
 # Report: report.json, report.md, plots
 # ===================================================================================================
+
+
+def _title(name):  # a set's column title; --pairs sets are "Pairs NAME"
+    return TITLES.get(name) or f"Pairs {name[len(PAIRS):]}"
 
 
 def _f(v, digits=4, scale=1.0, sign=""):
@@ -637,7 +692,8 @@ def _table(header, rows):
 
 def write_report_md(path, report, sets, figures):
     models, names = report["models"], [s.name for s in sets if s.sizes]
-    evals, ood = [n for n in names if n != "train"], SCENARIOS[1:]
+    evals, ood = [n for n in names if n != "train" and not n.startswith(PAIRS)], SCENARIOS[1:]
+    pair_sets = [n for n in names if n.startswith(PAIRS)]
 
     def rows(cells):  # one row per model
         return [[label] + cells(m) for label, m in models.items()]
@@ -652,18 +708,29 @@ def write_report_md(path, report, sets, figures):
                _table(["Model", "Train sample"] + [TITLES[s] for s in ood],
                       rows(lambda m: [_cell(m, "train/accuracy")]
                            + [_cell(m, f"{s}/pair_accuracy", ci=True) for s in ood]))]
+    if pair_sets:
+        md += ["\n## Preference test sets (--pairs; 95% bootstrap intervals over prompts)\n\n"
+               "Accuracy = share of pairs with r(chosen) > r(rejected) (a tie is wrong). Longer preferred = share of "
+               "pairs, among those whose responses differ in length, where the longer response gets the higher reward; "
+               "the data's own share (chosen is the longer) is the reference.\n\n",
+               _table(["Model", "Set", "Pairs", "Accuracy ↑", "‖h‖ mean ± std (skew)",
+                       "‖h_w − h_l‖ mean ± std (skew)", "Length corr.", "Longer preferred (data: chosen longer)"],
+                      [[label, n[len(PAIRS):], _f(m[f"{n}/n_pairs"], 0), _cell(m, f"{n}/accuracy", ci=True),
+                        _dist(m, f"norms/{n}"), _dist(m, f"diff_norms/{n}"), _f(m[f"length_corr/{n}"], 3),
+                        f"{_f(m[f'{n}/longer_preferred'], 3)} ({_f(report['gold'].get(f'{n}/chosen_longer'), 3)})"]
+                       for label, m in models.items() for n in pair_sets])]
     n_rows = next(iter(models.values()))["erank/n_rows"]
     md += ["\n## Hidden states (paper Figures 1-3, Table 1)\n\n||h(x, y)||, mean ± std (skew):\n\n",
-           _table(["Model", "‖Wp‖"] + [TITLES[n] for n in names],
+           _table(["Model", "‖Wp‖"] + [_title(n) for n in names],
                   rows(lambda m: [_f(m["wp_norm"], 3)] + [_dist(m, f"norms/{n}") for n in names])),
            "\n||h(x, y_w) - h(x, y_l)|| over preference pairs, mean ± std (skew):\n\n",
-           _table(["Model"] + [TITLES[n] for n in names], rows(lambda m: [_dist(m, f"diff_norms/{n}") for n in names])),
+           _table(["Model"] + [_title(n) for n in names], rows(lambda m: [_dist(m, f"diff_norms/{n}") for n in names])),
            f"\nEffective rank (eq. 32; rows not mean-centred; {n_rows} rows per set), Δ = erank_eval - erank_train:"
            "\n\n", _table(["Model", "erank train"] + [f"{TITLES[n]} (Δ ↓)" for n in evals],
                           rows(lambda m: [_f(m["erank/train"], 2)] + [
                               f"{_f(m[f'erank/{n}'], 2)} ({_f(m[f'erank/gap/{n}'], 2, sign='+')})" for n in evals])),
            "\n## Length bias: Spearman correlation of reward with response length in characters\n\n",
-           _table(["Model"] + [TITLES[n] for n in names], rows(lambda m: [_f(m[f"length_corr/{n}"], 3) for n in names])
+           _table(["Model"] + [_title(n) for n in names], rows(lambda m: [_f(m[f"length_corr/{n}"], 3) for n in names])
                   + [["gold r* (reference)"] + [_f(report["gold"].get(f"length_corr/{n}"), 3) for n in names]])]
     if "rm_bench" in names:
         styles = ("concise", "detailed", "markdown")
@@ -759,7 +826,7 @@ def plot_all(out, report, sets, scores_all):
             ax.hist(d, bins=bins, density=True, histtype="stepfilled", alpha=0.25, color=color[m])
             ax.hist(d, bins=bins, density=True, histtype="step", color=color[m],
                     label=f"{m}: {d.mean():.4g} ± {d.std():.3g}")
-        ax.set(title=TITLES[n], xlabel="||h(x, y)||", ylabel="density")
+        ax.set(title=_title(n), xlabel="||h(x, y)||", ylabel="density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
@@ -933,10 +1000,16 @@ def main(argv=None):
         m = report["models"][label]
         print0(f"[eval] {label}: id/accuracy {_f(m['id/accuracy'])}, "
                + ", ".join(f"{s} tau {_f(m[f'{s}/kendall_tau'])}" for s in SCENARIOS[1:])
-               + f", rm_bench/overall {_f(m['rm_bench/overall'])}, wp_norm {_f(wp_norm, 3)}")
+               + f", rm_bench/overall {_f(m['rm_bench/overall'])}, wp_norm {_f(wp_norm, 3)}"
+               + "".join(f", {n}/accuracy {_f(m[f'{n}/accuracy'])}" for n in (s.name for s in sets)
+                         if n.startswith(PAIRS)))
     for s in sets:
         if s.sizes and s.has_gold:  # the four scenarios and train (when its rows carry chosen/rejected_score)
             report["gold"][f"length_corr/{s.name}"] = spearman(np.concatenate(s.gold), s.lengths())
+        if s.name.startswith(PAIRS):  # the data's own length bias, the reference for {name}/longer_preferred
+            pairs, lengths = np.array(s.pairs, dtype=int).reshape(-1, 2), s.lengths()
+            report["gold"][f"{s.name}/chosen_longer"] = longer_share(np.ones(len(pairs), bool), lengths[pairs[:, 0]],
+                                                                    lengths[pairs[:, 1]])
         report["data"][s.name] = {"source": s.source, "rows_read": s.rows_read, "prompts": len(s.sizes),
                                   "responses": len(s.responses), "pairs": len(s.pairs), "skipped": s.skipped}
 

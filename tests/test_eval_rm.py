@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, random_text, run_script
 
 import eval_rm
+import utils
 from utils import DataError
 
 SCENARIOS = ("prompt_ood", "response_ood", "mutual_ood")
@@ -249,6 +250,44 @@ def test_rm_bench_native_folder_reads_its_files_with_the_domain_from_each_name(t
         eval_rm.load_rm_bench([str(tmp_path / "empty")], "train")
 
 
+HH_PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three plus three?"
+
+
+def test_pairs_accuracy_interval_norms_and_length_bias_by_hand(tmp_path):
+    rows = [{"chosen": HH_PREFIX + "\n\nAssistant: Six, as three plus three is six.",  # hh-rlhf: 32 vs 23 chars
+             "rejected": HH_PREFIX + "\n\nAssistant: I would rather not say."},
+            {"prompt": "q1", "chosen": "long answer here", "rejected": "no"},
+            {"prompt": "q2", "chosen": "a", "rejected": "much longer reply"},
+            {"prompt": "q3", "chosen": "same", "rejected": "same"}]
+    path = _write(tmp_path / "mine.jsonl", rows)
+    args = eval_rm.parse_args(["--model", "m", "--pairs", f"mine={path}", "--out", str(tmp_path / "o"),
+                               "--bootstrap", "300"])
+    (s,) = eval_rm.load_sets(args)
+    assert s.name == "pairs/mine" and s.pairs == [(0, 1), (2, 3), (4, 5)] and s.skipped == {"chosen == rejected": 1}
+    assert s.prompts[0][-1] == {"role": "user", "content": "And three plus three?"} and len(s.prompts[0]) == 3
+    assert s.lengths().tolist() == [32, 23, 16, 2, 1, 17]
+    # rewards: pair 1 right, pair 2 wrong, pair 3 right; hidden states with norms 5, 1, 1, 2, 10, 0
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.5, 3.0, -1.0])
+    hidden = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [6.0, 8.0], [0.0, 0.0]])
+    scores = {"pairs/mine": {"rewards": rewards, "hidden_norm": hidden.norm(dim=1), "n_truncated": 0,
+                             "diff_norm": (hidden[0::2] - hidden[1::2]).norm(dim=1), "hidden_sample": hidden}}
+    m = eval_rm.model_metrics([s], scores, 1.0, args)
+    assert set(eval_rm.pairs_keys("pairs/mine")) <= set(m)
+    assert m["pairs/mine/accuracy"] == pytest.approx(2 / 3) and m["pairs/mine/n_pairs"] == 3
+    lo, hi = m["pairs/mine/accuracy_ci_low"], m["pairs/mine/accuracy_ci_high"]
+    assert 0 <= lo < 2 / 3 < hi <= 1 and {lo * 3, hi * 3} <= {0.0, 1.0, 2.0, 3.0}  # 3 pairs: a share of 3
+    # longer response wins in pair 1 only (pair 2: the longer loses; pair 3: the shorter, chosen, wins)
+    assert m["pairs/mine/longer_preferred"] == pytest.approx(1 / 3)
+    assert m["norms/pairs/mine/mean"] == pytest.approx(19 / 6) and m["norms/pairs/mine/p50"] == pytest.approx(1.5)
+    assert m["diff_norms/pairs/mine/mean"] == pytest.approx((np.sqrt(18) + np.sqrt(5) + 10) / 3)
+    assert m["length_corr/pairs/mine"] == pytest.approx(scipy.stats.spearmanr(rewards, s.lengths())[0])
+    assert "erank/pairs/mine" not in m and m["erank/n_rows"] == args.erank_rows  # pairs sets do not cut erank rows
+    assert eval_rm.longer_share(np.ones(3, bool), np.array([32, 16, 1]), np.array([23, 2, 17])) == pytest.approx(2 / 3)
+    for bad in (["--pairs", "mine"], ["--pairs", "a/b=f"], ["--pairs", "a=f", "--pairs", "a=g"]):
+        with pytest.raises(SystemExit):
+            eval_rm.parse_args(["--model", "m", "--out", "o"] + bad)
+
+
 def test_model_without_head_is_refused(tmp_path, tiny_llama):
     from transformers import BertConfig, BertModel
 
@@ -410,6 +449,58 @@ def test_end_to_end_on_make_data_folder(tmp_path):
     for sc in SCENARIOS:
         assert -1.0 <= m[f"{sc}/kendall_tau"] <= 1.0 and m[f"erank/{sc}"] >= 1.0
     assert os.path.exists(os.path.join(out, "fig3_hidden_norms.png"))
+
+
+def test_pairs_files_end_to_end_match_a_plain_hf_forward(tmp_path, tiny_llama):
+    """eval_rm.py --pairs hh=... --pairs plain=... on a random-head RM: accuracy from a plain HF forward of the
+    parsed turns, every pairs key present, the report.md section, the cache; and --rm-bench given RM-Bench's folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = str(tmp_path / "rm")
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).save_pretrained(rm)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.save_pretrained(rm)
+    rng = random.Random(3)
+    hh, plain = [], []
+    for i in range(8):
+        prefix = f"\n\nHuman: {random_text(rng)}\n\nAssistant: {random_text(rng)}\n\nHuman: {random_text(rng)}"
+        hh.append({"chosen": f"{prefix}\n\nAssistant: {random_text(rng)}",
+                   "rejected": f"{prefix}\n\nAssistant: {random_text(rng)}"})
+        plain.append({"prompt": random_text(rng), "chosen": random_text(rng), "rejected": random_text(rng)})
+    hh_path = _write(tmp_path / "hh_test.jsonl", hh)
+    plain_path = tmp_path / "plain.json"  # a JSON list
+    plain_path.write_text(json.dumps(plain))
+    bench = tmp_path / "rm_bench_data"
+    bench.mkdir()
+    items = json.load(open(write_rm_bench(str(tmp_path / "items.json"))))
+    (bench / "math_filtered.json").write_text(json.dumps([{k: v for k, v in it.items() if k not in ("domain", "subset")}
+                                                          for it in items]))
+    out = str(tmp_path / "eval")
+    run_script(["eval_rm.py", "--model", rm, "--pairs", f"hh={hh_path}", "--pairs", f"plain={plain_path}",
+                "--rm-bench", str(bench), "--out", out, "--bootstrap", "100", "--max-length", "256"])
+    report = json.load(open(os.path.join(out, "report.json")))
+    m = report["models"]["rm"]
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    for name, rows in (("hh", hh), ("plain", plain)):
+        assert set(eval_rm.pairs_keys(f"pairs/{name}")) <= set(m)
+        wins = []
+        for where, row in enumerate(rows):
+            prompt, chosen, rejected = utils.parse_pair(row, str(where))
+            r = []
+            for response in (chosen, rejected):
+                text = tok.apply_chat_template(prompt + response, tokenize=False)
+                with torch.no_grad():
+                    r.append(model(**tok(text, add_special_tokens=False, return_tensors="pt")).logits[0, 0].item())
+            wins.append(r[0] > r[1])
+        assert m[f"pairs/{name}/accuracy"] == pytest.approx(np.mean(wins), abs=1e-9)
+        assert m[f"pairs/{name}/n_pairs"] == 8 and report["data"][f"pairs/{name}"]["pairs"] == 8
+        assert 0 <= m[f"pairs/{name}/longer_preferred"] <= 1 and m[f"norms/pairs/{name}/mean"] > 0
+        assert 0 <= report["gold"][f"pairs/{name}/chosen_longer"] <= 1
+    assert utils.parse_pair(hh[0], "0")[0][0]["role"] == "user" and len(utils.parse_pair(hh[0], "0")[0]) == 3
+    assert m["rm_bench/math"] is not None and m["rm_bench/chat"] is None  # every item: the domain of its file
+    md = open(os.path.join(out, "report.md")).read()
+    assert "## Preference test sets (--pairs" in md and "| rm | hh | 8 | " in md and "| rm | plain | 8 | " in md
+    assert sorted(f.split("-")[1] for f in os.listdir(os.path.join(out, "cache"))) == ["pairs", "pairs", "rm_bench"]
 
 
 def test_seed_groups_mean_and_std_by_hand():
