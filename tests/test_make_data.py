@@ -409,7 +409,7 @@ def test_jsonl_bad_input_names_file_line_field(tmp_path, objs, match):
 
 def test_out_folder_of_something_else_is_not_replaced(tmp_path):
     (tmp_path / "keep.txt").write_text("a run of another stage")
-    with pytest.raises(SystemExit, match="did not write"):
+    with pytest.raises(SystemExit, match="non-empty folder not written by make_data.py"):
         md.main(["--out", str(tmp_path), "--num-prompts", "50"])
     assert (tmp_path / "keep.txt").read_text() == "a run of another stage"
 
