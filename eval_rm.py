@@ -866,14 +866,13 @@ def main(argv=None):
     from utils import DataError, print0
 
     inputs = [("--model", m) for m in args.model] + [("--data-dir", args.data_dir), ("--train-file", args.train_file)]
-    inputs += [("--rm-bench", x) for x in args.rm_bench or []] + [("--rloo", x.partition("=")[2]) for x in args.rloo or []]
+    inputs += [("--rm-bench", x) for x in args.rm_bench or []]
+    inputs += [("--rloo", x.partition("=")[2]) for x in args.rloo or []]
     utils.claim_out_dir(args.out, "eval_rm.py", inputs, legacy=("eval_config.json", ("args", "models")), create=False)
     utils.quiet_libraries()
     _, world, _, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
-    utils.remove_leftovers(args.out, recurse=("cache",))
-    if args.cache_dir:
-        utils.remove_leftovers(args.cache_dir, recurse=())
+    utils.remove_leftovers(args.out, recurse=("cache",))  # OUT/cache is ours; a --cache-dir elsewhere is not touched
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
 

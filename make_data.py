@@ -998,7 +998,8 @@ def parse_args(argv=None):
     g.add_argument("--num-layers", type=utils.positive_int, default=2, help="layers of the tiny Llama")
     g.add_argument("--num-heads", type=utils.positive_int, default=4, help="attention heads of the tiny Llama")
     g.add_argument("--intermediate-size", type=utils.positive_int, default=None, help="MLP size (default 4 x hidden)")
-    g.add_argument("--max-position-embeddings", type=utils.positive_int, default=512, help="context length of the tiny Llama")
+    g.add_argument("--max-position-embeddings", type=utils.positive_int, default=512,
+                   help="context length of the tiny Llama")
     g = p.add_argument_group("real sources")
     g.add_argument("--dataset", default=None, help="hub id or local JSONL/folder (default: openbmb/UltraFeedback or "
                                                    "Skywork/Skywork-Reward-Preference-80K-v0.2)")
@@ -1008,11 +1009,13 @@ def parse_args(argv=None):
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the gold/new models' own code (ArmoRM needs it)")
     g.add_argument("--gold-batch-size", type=utils.positive_int, default=16, help="sequences per gold-RM forward")
-    g.add_argument("--gold-max-length", type=utils.positive_int, default=4096, help="tokens per gold-RM input (longer: keep the end)")
+    g.add_argument("--gold-max-length", type=utils.positive_int, default=4096,
+                   help="tokens per gold-RM input (longer: keep the end)")
     g.add_argument("--new-models", default="google/gemma-2-2b-it,allenai/OLMo-2-1124-7B-Instruct,"
                                            "HuggingFaceTB/SmolLM2-1.7B-Instruct,mistralai/Mistral-7B-Instruct-v0.2",
                    help="comma-separated M_valid generators for response-/mutual-OOD (ultrafeedback)")
-    g.add_argument("--samples-per-model", type=utils.positive_int, default=1, help="responses per prompt from each new model")
+    g.add_argument("--samples-per-model", type=utils.positive_int, default=1,
+                   help="responses per prompt from each new model")
     g.add_argument("--ood-prompts", type=utils.positive_int, default=None,
                    help="cap on prompts of each generated OOD file (default all)")
     g.add_argument("--generator", choices=("auto", "vllm", "hf"), default="auto",
@@ -1021,7 +1024,8 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=utils.nonneg_float, default=0.7, help="sampling temperature (0 = greedy)")
     g.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=0.95, help="nucleus sampling")
     g.add_argument("--max-new-tokens", type=utils.positive_int, default=1024, help="generation length")
-    g.add_argument("--gen-batch-size", type=utils.positive_int, default=16, help="prompts per transformers generate call")
+    g.add_argument("--gen-batch-size", type=utils.positive_int, default=16,
+                   help="prompts per transformers generate call")
     g.add_argument("--alpaca-eval-dir", default=None, help="AlpacaEval results folder (or the folder holding results/)")
     g.add_argument("--annotator", default="weighted_alpaca_eval_gpt4_turbo", help="AlpacaEval annotator folder")
     g.add_argument("--reference-model", default="gpt4_1106_preview", help="AlpacaEval reference (excluded)")

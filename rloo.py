@@ -145,8 +145,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--k", type=utils.positive_int, default=2, help="samples per prompt (paper: 2)")
     p.add_argument("--beta", type=utils.nonneg_float, default=0.05, help="KL penalty coefficient (paper: 0.05)")
-    p.add_argument("--lr", type=utils.positive_float, default=2e-6, help="peak learning rate (paper: 2e-6 Sec. 3.2, 1e-6 Sec. 3.3)")
-    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.03, help="linear warmup share, then linear decay to 0")
+    p.add_argument("--lr", type=utils.positive_float, default=2e-6,
+                   help="peak learning rate (paper: 2e-6 Sec. 3.2, 1e-6 Sec. 3.3)")
+    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.03,
+                   help="linear warmup share, then linear decay to 0")
     p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
     p.add_argument("--epochs", type=utils.positive_int, default=5, help="passes over the prompts (paper: 5)")
@@ -156,10 +158,12 @@ def parse_args(argv=None):
                    help="completions per device per training forward (a multiple of --k: whole prompt groups)")
     p.add_argument("--gen-batch-size", type=utils.positive_int, default=None,
                    help="completions per generate() call per device (default: the rank's whole share)")
-    p.add_argument("--max-prompt-length", type=utils.positive_int, default=1024, help="prompt tokens; longer prompts are skipped")
+    p.add_argument("--max-prompt-length", type=utils.positive_int, default=1024,
+                   help="prompt tokens; longer prompts are skipped")
     p.add_argument("--max-new-tokens", type=utils.positive_int, default=1024, help="response length limit (tokens)")
     p.add_argument("--temperature", type=utils.positive_float, default=0.7, help="sampling temperature (TRL's default)")
-    p.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling threshold (1.0 = off)")
+    p.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling threshold (1.0 = off)")
     p.add_argument("--missing-eos-penalty", type=utils.finite_float, default=1.0,
                    help="subtracted from the RM score of a response cut at --max-new-tokens without a stop token")
     p.add_argument("--rm-batch-size", type=utils.positive_int, default=16,
@@ -171,17 +175,21 @@ def parse_args(argv=None):
     p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the gold model's own code (ArmoRM)")
     p.add_argument("--gold-prompts", default=None, help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
-    p.add_argument("--gold-max-prompts", type=utils.positive_int, default=None, help="use only the first N held-out prompts")
-    p.add_argument("--gold-every", type=utils.positive_int, default=10, help="gold evaluation every N steps (and at 0 and the end)")
+    p.add_argument("--gold-max-prompts", type=utils.positive_int, default=None,
+                   help="use only the first N held-out prompts")
+    p.add_argument("--gold-every", type=utils.positive_int, default=10,
+                   help="gold evaluation every N steps (and at 0 and the end)")
     p.add_argument("--gold-batch-size", type=utils.positive_int, default=8, help="sequences per gold-model forward")
     p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU; weights synced every step)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=utils.number_type(float, 0, 1, low_open=True), default=0.3, help="GPU memory share of vLLM")
+    p.add_argument("--vllm-gpu-memory-utilization", type=utils.number_type(float, 0, 1, low_open=True), default=0.3,
+                   help="GPU memory share of vLLM")
     p.add_argument("--seed", type=int, default=42, help="seed for prompt order and sampling")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
-    p.add_argument("--save-steps", type=utils.nonneg_int, default=50, help="resume checkpoint every N steps (0 = end only)")
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=50,
+                   help="resume checkpoint every N steps (0 = end only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="DeepSpeed ZeRO stage (default: the --ds-config file's; its \"auto\" = 3 with several "
@@ -453,7 +461,8 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=mb, grad_accum=grad_accum,
         max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
         world_size=world)
-    data_fingerprints = {"prompts": utils.fingerprint(args.prompts), "gold_prompts": utils.fingerprint(args.gold_prompts)}
+    data_fingerprints = {"prompts": utils.fingerprint(args.prompts),
+                         "gold_prompts": utils.fingerprint(args.gold_prompts)}
     saved_config = None
     if args.resume:  # before the models load: a refused resume costs seconds
         saved_config = utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
@@ -554,7 +563,8 @@ def main(argv=None):
         run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
                       "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
                       "gold_prompts": len(gold_prompts), "skipped": {"prompts": skipped, "gold_prompts": gold_skipped},
-                      "stop_token_ids": sorted(stop_ids), "data_fingerprints": data_fingerprints, "ds_config": ds_config}
+                      "stop_token_ids": sorted(stop_ids), "data_fingerprints": data_fingerprints,
+                      "ds_config": ds_config}
         if utils.is_rank0():
             utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
     vllm_synced = False

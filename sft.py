@@ -115,24 +115,30 @@ def parse_args(argv=None):
     p.add_argument("--eval-split", default="train", help="split, when --eval-file is a hub dataset")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--lr", type=utils.positive_float, default=1e-5, help="peak learning rate (paper: 1e-5)")
-    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.1, help="linear warmup share, then cosine decay to 0")
+    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.1,
+                   help="linear warmup share, then cosine decay to 0")
     p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
     p.add_argument("--epochs", type=utils.positive_int, default=1, help="passes over the train set (paper: 1)")
-    p.add_argument("--global-batch-size", type=utils.positive_int, default=512, help="conversations per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=utils.positive_int, default=4, help="conversations per device per forward")
-    p.add_argument("--eval-batch-size", type=utils.positive_int, default=8, help="conversations per device per eval forward")
+    p.add_argument("--global-batch-size", type=utils.positive_int, default=512,
+                   help="conversations per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=utils.positive_int, default=4,
+                   help="conversations per device per forward")
+    p.add_argument("--eval-batch-size", type=utils.positive_int, default=8,
+                   help="conversations per device per eval forward")
     p.add_argument("--max-length", type=utils.positive_int, default=2048, help="tokens per conversation")
     p.add_argument("--truncate", action="store_true",
                    help="cut over-long conversations to --max-length (kept if an assistant token survives) "
                         "instead of skipping them")
-    p.add_argument("--max-train-rows", type=utils.positive_int, default=None, help="use only the first N usable conversations")
+    p.add_argument("--max-train-rows", type=utils.positive_int, default=None,
+                   help="use only the first N usable conversations")
     p.add_argument("--seed", type=int, default=42, help="seed for data order")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
-    p.add_argument("--save-steps", type=utils.nonneg_int, default=200, help="resume checkpoint every N steps (0 = epochs only)")
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=200,
+                   help="resume checkpoint every N steps (0 = epochs only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="DeepSpeed ZeRO stage (default: the --ds-config file's; its \"auto\" = 3 with several "
@@ -273,7 +279,8 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
-    data_fingerprints = {"train_file": utils.fingerprint(args.train_file), "eval_file": utils.fingerprint(args.eval_file)}
+    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
+                         "eval_file": utils.fingerprint(args.eval_file)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = utils.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,

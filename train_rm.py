@@ -95,14 +95,17 @@ def parse_args(argv=None):
     p.add_argument("--bsr-scope", choices=("global", "micro"), default="global",
                    help="global: |B| = the whole global batch (all ranks, all accumulation steps; exact "
                         "eq. 25). micro: the official code's form, per device: lam * micro_batch * mean^2")
-    p.add_argument("--lr", type=utils.positive_float, default=5e-6, help="peak lr (paper: 5e-6 1-1.5B, 3e-6 3B, 2e-6 7-8B)")
+    p.add_argument("--lr", type=utils.positive_float, default=5e-6,
+                   help="peak lr (paper: 5e-6 1-1.5B, 3e-6 3B, 2e-6 7-8B)")
     p.add_argument("--warmup-ratio", type=utils.fraction, default=0.05, help="linear warmup share, then linear decay")
     p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
     p.add_argument("--epochs", type=utils.positive_int, default=1, help="passes over the train set")
-    p.add_argument("--global-batch-size", type=utils.positive_int, default=128, help="pairs per optimizer step, all ranks")
+    p.add_argument("--global-batch-size", type=utils.positive_int, default=128,
+                   help="pairs per optimizer step, all ranks")
     p.add_argument("--micro-batch-size", type=utils.positive_int, default=8, help="pairs per device per forward")
-    p.add_argument("--eval-batch-size", type=utils.positive_int, default=32, help="sequences per device per eval forward")
+    p.add_argument("--eval-batch-size", type=utils.positive_int, default=32,
+                   help="sequences per device per eval forward")
     p.add_argument("--max-length", type=utils.positive_int, default=2048, help="tokens per (prompt, response) sequence")
     p.add_argument("--truncate", action="store_true",
                    help="truncate over-long pairs (keeps the end of the response) instead of skipping them")
@@ -120,7 +123,8 @@ def parse_args(argv=None):
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--head-init", choices=("paper", "keep"), default="paper",
                    help="paper: re-initialise Wp ~ N(0, 1/(H+1)); keep: continue from --model's head")
-    p.add_argument("--save-steps", type=utils.nonneg_int, default=100, help="resume checkpoint every N steps (0 = epochs only)")
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=100,
+                   help="resume checkpoint every N steps (0 = epochs only)")
     p.add_argument("--norm-stats-pairs", type=utils.nonneg_int, default=2048,
                    help="train pairs sampled for the per-epoch ||h_w - h_l|| statistics (0 = off)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
@@ -276,7 +280,8 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
-    data_fingerprints = {"train_file": utils.fingerprint(args.train_file), "eval_file": utils.fingerprint(args.eval_file)}
+    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
+                         "eval_file": utils.fingerprint(args.eval_file)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = utils.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,

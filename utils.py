@@ -702,20 +702,21 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
         saved = json.load(f)
     where = os.path.dirname(config_path)
     free = set(RESUME_MAY_CHANGE) | set(may_change)
+    listed = ", ".join("--" + k.replace("_", "-") for k in sorted(free - {"resume", "local_rank", "out"}))
     for key, value in sorted(vars(args).items()):
         if key in free:
             continue
         old = saved["args"].get(key, "(not recorded)")
         if old != value:
             raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
-                             f"only {', '.join('--' + k.replace('_', '-') for k in sorted(free - {'resume', 'local_rank', 'out'}))} "
-                             "may change on resume. Use the run's flags, or start a new run with another --out")
+                             f"only {listed} may change on resume. Use the run's flags, or start a new run with "
+                             "another --out")
     for key, value in (fingerprints or {}).items():
         old = saved.get("data_fingerprints", {}).get(key)
         if old != value:
-            raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in {where} "
-                             "started (its sha256 differs); resuming would mix two data sets. Restore the file, or start "
-                             "a new run with another --out")
+            raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
+                             f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "
+                             "file, or start a new run with another --out")
     stage = saved["ds_config"].get("zero_optimization", {}).get("stage")
     if saved["world_size"] != world_size or stage != ds_config.get("zero_optimization", {}).get("stage"):
         raise SystemExit(f"--resume: the saved state is ZeRO stage {stage} on {saved['world_size']} processes; "

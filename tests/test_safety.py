@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_lm, read_metrics, run_script, write_pairs
+from conftest import read_metrics, run_script, write_pairs
 
 import make_data as md
 import rloo
@@ -158,7 +158,8 @@ def test_causal_lm_as_reward_model_is_refused_by_every_loader(tmp_path, tiny_lla
 
 def _saved_config(parse, argv):
     args = parse(argv)
-    return {"args": json.loads(json.dumps(vars(args))), "world_size": 1, "ds_config": {"zero_optimization": {"stage": 0}}}
+    return {"args": json.loads(json.dumps(vars(args))), "world_size": 1,
+            "ds_config": {"zero_optimization": {"stage": 0}}}
 
 
 @pytest.mark.parametrize("stage,base,refused,accepted", [
