@@ -711,8 +711,12 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
             raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
                              f"only {listed} may change on resume. Use the run's flags, or start a new run with "
                              "another --out")
+    if fingerprints and "data_fingerprints" not in saved:  # a run started by an older version kept none
+        print0(f"[resume] {config_path} holds no data fingerprints (an older version wrote it): the data files "
+               "cannot be checked for changes")
+        fingerprints = {}
     for key, value in (fingerprints or {}).items():
-        old = saved.get("data_fingerprints", {}).get(key)
+        old = saved["data_fingerprints"].get(key)
         if old != value:
             raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
                              f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "

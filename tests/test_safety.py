@@ -202,6 +202,13 @@ def test_fingerprint_follows_content(tmp_path):
     f.write_text('{"a": 2}\n')
     assert utils.fingerprint(str(f)) != first
     assert utils.fingerprint("org/hub-dataset") is None and utils.fingerprint(None) is None
+    cfg = tmp_path / "train_config.json"
+    args = argparse.Namespace(train_file=str(f))
+    cfg.write_text(json.dumps({"args": vars(args), "world_size": 1, "ds_config": {}, "data_fingerprints": {
+        "train_file": first}}))
+    with pytest.raises(SystemExit, match=r"--train-file .*d.jsonl changed since the run in .* started"):
+        utils.check_resume(str(cfg), args, 1, {}, (), {"train_file": utils.fingerprint(str(f))})
+    utils.check_resume(str(cfg), args, 1, {}, (), {"train_file": first})
 
 
 RM_FLAGS = ["--micro-batch-size", "8", "--lr", "1e-3", "--global-batch-size", "8", "--epochs", "2", "--max-length",
