@@ -299,7 +299,7 @@ def test_skywork_path(tmp_path, gold_rm):
     assert train[0]["chosen_score"] == pytest.approx(reference_gold(gold_rm, "hi there", "good answer"), abs=1e-4)
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in train) / 2
     assert manifest["gold_agrees_with_labels"] == agree
-    assert sorted(os.listdir(out)) == ["manifest.json", "train.jsonl"]
+    assert sorted(os.listdir(out)) == [".written_by", "manifest.json", "train.jsonl"]  # .written_by: the owner
 
 
 AE_MODELS = ["gpt-3.5-turbo-0301", "claude-2", "vicuna-7b", "alpaca-7b", "falcon-7b-instruct",
