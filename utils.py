@@ -6,6 +6,8 @@
 - THE function that turns (prompt, response) into model input ids (train, eval and RLOO all use it)
 - the reward forward pass, returning r(x, y) and the hidden state h(x, y) the head reads
 - DeepSpeed config filling, atomic writes and HF checkpoint export
+- the rules every stage follows for its --out (ownership, never around its inputs), --resume (what may change, data
+  fingerprints, torn logs, leftovers of a crashed save, pickle-free RNG state) and bad numbers on the command line
 """
 
 import argparse
@@ -875,7 +877,10 @@ def remove_leftovers(folder, recurse=("resume",)):
     removed = []
 
     def rm(path):
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
         removed.append(path)
 
     for name in sorted(os.listdir(folder)):
