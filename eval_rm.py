@@ -16,6 +16,7 @@ rank, eq. 32), Table 2 (RM-Bench), Table 5 (accuracy / Kendall's tau).
     deepspeed --num_gpus 8 eval_rm.py --model runs/rm_bt --model runs/rm_bsr --data-dir data --out runs/eval
     torchrun --nproc_per_node 8 eval_rm.py ...same flags...
 
+--out must be a new folder or one eval_rm.py wrote (never a --model, data or --rloo folder, nor inside one).
 --out receives report.json (one block of fixed, namespaced keys per model), report.md (paper Table 5 / Table 1 /
 Table 2 layouts), eval_config.json, fig1_wp_norm.png, fig2_hidden_diff_per_epoch.png (when a model folder has
 train_rm.py's metrics.jsonl), fig3_hidden_norms.png and cache/ (scores per model and set).
@@ -148,6 +149,8 @@ def spearman(x, y):
 
 
 def parse_args(argv=None):
+    import utils
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True,
                    help="reward model: train_rm.py output folder, any HF ...ForSequenceClassification (num_labels=1) "
@@ -174,16 +177,16 @@ def parse_args(argv=None):
                    help="pairs for erank/train, norms/train and train/accuracy: JSONL or hub id (e.g. "
                         "Skywork/Skywork-Reward-Preference-80K-v0.2 for the paper's Table 1); default DATA/train.jsonl")
     p.add_argument("--train-split", default="train", help="split, when --train-file is a hub dataset")
-    p.add_argument("--train-pairs", type=int, default=1024,
+    p.add_argument("--train-pairs", type=utils.nonneg_int, default=1024,
                    help="train.jsonl pairs sampled (seeded) for erank/train, norms/train and train/accuracy (0 = off)")
-    p.add_argument("--erank-rows", type=int, default=2048,
+    p.add_argument("--erank-rows", type=utils.positive_int, default=2048,
                    help="max hidden states per set for the effective rank; every set uses the same number of rows "
                         "n = min(this, smallest set), because erank grows with the row count while rows < hidden size")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=utils.nonneg_int, default=1000,
                    help="bootstrap resamples over prompts for the 95%% intervals (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed for the train sample, erank rows and the bootstrap")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per device per forward")
-    p.add_argument("--max-length", type=int, default=2048,
+    p.add_argument("--batch-size", type=utils.positive_int, default=16, help="sequences per device per forward")
+    p.add_argument("--max-length", type=utils.positive_int, default=2048,
                    help="tokens per (prompt, response); longer ones are truncated keeping the end of the response "
                         "(counted in report.json as <set>/n_truncated)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -425,36 +428,10 @@ def load_sets(args):
 
 
 def check_reward_checkpoint(name):
-    """Refuse checkpoints without a trained Linear(H, 1) head (a causal LM or bare encoder would get a random one)."""
-    from transformers import AutoConfig
+    """Refuse checkpoints without a trained Linear(H, 1) head (the check every reward-model loader shares)."""
+    import utils
 
-    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
-        raise SystemExit(f"--model {name}: no such folder")
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {name}: cannot load a model config ({e})") from None
-    archs = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise SystemExit(f"--model {name}: not a reward model (config.architectures = {archs}). eval_rm.py needs a "
-                         "trained reward head: an ...ForSequenceClassification checkpoint with num_labels=1, such as "
-                         "train_rm.py's --out. A causal LM or a bare encoder has none; train one with train_rm.py.")
-    if config.num_labels != 1:
-        raise SystemExit(f"--model {name}: a classifier with {config.num_labels} labels; a reward model has 1")
-    if os.path.isdir(name):
-        keys = []
-        index = os.path.join(name, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                keys = list(json.load(f)["weight_map"])
-        elif os.path.exists(os.path.join(name, "model.safetensors")):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(name, "model.safetensors"), "pt") as f:
-                keys = list(f.keys())
-        if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
-            raise SystemExit(f"--model {name}: config says {archs} but the weights hold no 'score'/'classifier' "
-                             "head; the head would be random")
+    utils.check_reward_model(name, "--model")
 
 
 def encode_set(tokenizer, s, max_length):
@@ -970,8 +947,14 @@ def main(argv=None):
     import utils
     from utils import DataError, print0
 
+    inputs = [("--model", m) for m in args.model] + [("--data-dir", args.data_dir), ("--train-file", args.train_file)]
+    inputs += [("--rm-bench", x) for x in args.rm_bench or []]
+    inputs += [("--rloo", x.partition("=")[2]) for x in args.rloo or []]
+    utils.claim_out_dir(args.out, "eval_rm.py", inputs, legacy=("eval_config.json", ("args", "models")), create=False)
     utils.quiet_libraries()
     _, world, _, device = utils.init_distributed()
+    utils.claim_out_dir(args.out, "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
+    utils.remove_leftovers(args.out, recurse=("cache",))  # OUT/cache is ours; a --cache-dir elsewhere is not touched
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
 

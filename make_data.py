@@ -27,6 +27,7 @@ import math
 import os
 import random
 import re
+import shutil
 from difflib import SequenceMatcher
 
 # ===================================================================================================
@@ -577,7 +578,7 @@ def source_ultrafeedback(args, skipped):
     cand_valid = generate_responses(args, {pid: prompts[pid] for pid in ood_train + ood_valid}, skipped)
     m_valid = sorted({c["model"] for cs in cand_valid.values() for c in cs})
     m_train = sorted({c["model"] for cs in cand_train.values() for c in cs})
-    label_with_gold(args, prompts, [cand_train, cand_valid])
+    label_with_gold(args, prompts, [cand_train, cand_valid], skipped)
     files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
                             skipped)
     files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
@@ -618,6 +619,10 @@ def source_skywork(args, skipped):
         s = score([(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")])
         for i, r in enumerate(rows):
             r["chosen_score"], r["rejected_score"] = s[2 * i], s[2 * i + 1]
+        finite = [r for r in rows if math.isfinite(r["chosen_score"]) and math.isfinite(r["rejected_score"])]
+        if len(finite) < len(rows):  # a gold model that overflowed: the pair has no usable gold score
+            count(skipped, "train.jsonl", "non-finite gold score", len(rows) - len(finite))
+            rows = finite
         agree = sum(r["chosen_score"] > r["rejected_score"] for r in rows)
         extra["gold_agrees_with_labels"] = round(agree / max(1, len(rows)), 4)
     return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
@@ -669,8 +674,8 @@ def source_alpaca_eval(args, skipped):
             except (TypeError, ValueError):
                 raise DataError(f"{where}: field 'preference' must be a number, "
                                 f"got {rec.get('preference')!r}") from None
-            if math.isnan(pref):
-                count(skipped, "source", "preference is NaN")
+            if not math.isfinite(pref):
+                count(skipped, "source", "preference is not finite (NaN or infinite)")
             elif not out.strip():
                 count(skipped, "source", "empty response")
             elif model in by_prompt.setdefault(instr, {}):
@@ -718,8 +723,8 @@ def _pairs_file(path, skipped, name):
             continue
         scores = [row.get("chosen_score"), row.get("rejected_score")]
         for k, s in zip(("chosen_score", "rejected_score"), scores):
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
-                raise DataError(f"{where}: field '{k}' must be a number or null, got {s!r}")
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+                raise DataError(f"{where}: field '{k}' must be a finite number or null, got {s!r}")
         if None not in scores and scores[0] <= scores[1]:
             raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than "
                             f"'rejected_score' ({scores[1]})")
@@ -746,6 +751,9 @@ def _ranking_file(path, skipped, name):
         if not isinstance(gold, list) or len(gold) != len(resp) or any(
                 isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold):
             raise DataError(f"{where}: field 'gold_scores' must be a list of {len(resp)} numbers (one per response)")
+        bad = [j for j, g in enumerate(gold) if not math.isfinite(g)]
+        if bad:
+            raise DataError(f"{where}: field 'gold_scores'[{bad[0]}] is {gold[bad[0]]!r}; gold scores must be finite")
         models = row.get("models") or [None] * len(resp)
         if not isinstance(models, list) or len(models) != len(resp):
             raise DataError(f"{where}: field 'models' must be a list of {len(resp)} names (one per response)")
@@ -903,8 +911,9 @@ def gold_scorer(args):
     return score
 
 
-def label_with_gold(args, prompts, cand_dicts):
-    """Add 'score' (the gold RM's reward) to every candidate, each distinct (prompt, response) scored once."""
+def label_with_gold(args, prompts, cand_dicts, skipped):
+    """Add 'score' (the gold RM's reward) to every candidate, each distinct (prompt, response) scored once.
+    A non-finite score (the gold model overflowed) drops that candidate, counted."""
     if not args.gold_model:
         args.gold_model = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
     keys = sorted({(pid, c["response"]) for cands in cand_dicts for pid, cs in cands.items() for c in cs})
@@ -913,6 +922,9 @@ def label_with_gold(args, prompts, cand_dicts):
         for pid, cs in cands.items():
             for c in cs:
                 c["score"] = scores[(pid, c["response"])]
+            cands[pid] = [c for c in cs if math.isfinite(c["score"])]
+            if len(cands[pid]) < len(cs):
+                count(skipped, "source", "non-finite gold score", len(cs) - len(cands[pid]))
 
 
 # ===================================================================================================
@@ -965,24 +977,27 @@ class DataError(ValueError):
 
 
 def parse_args(argv=None):
+    import utils
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), default="synthetic", help="where the data comes from")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed -> same files)")
-    p.add_argument("--train-prompts", type=int, default=None,
+    p.add_argument("--train-prompts", type=utils.positive_int, default=None,
                    help="|X_train| (default: 51200 for ultrafeedback as in the paper, else 80%% of the prompts)")
-    p.add_argument("--pairs-per-prompt", type=int, default=1,
+    p.add_argument("--pairs-per-prompt", type=utils.positive_int, default=1,
                    help="train pairs per X_train prompt (paper: 1; needs 2k+2 distinct M_train responses)")
-    p.add_argument("--rl-eval-prompts", type=int, default=64,
+    p.add_argument("--rl-eval-prompts", type=utils.nonneg_int, default=64,
                    help="X_valid prompts held out of rl_prompts.jsonl for gold-reward tracking (at most half)")
     g = p.add_argument_group("synthetic")
-    g.add_argument("--num-prompts", type=int, default=3000, help="distinct toy prompts (split 80/20)")
-    g.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary of the tiny base model")
-    g.add_argument("--hidden-size", type=int, default=64, help="hidden size of the tiny Llama")
-    g.add_argument("--num-layers", type=int, default=2, help="layers of the tiny Llama")
-    g.add_argument("--num-heads", type=int, default=4, help="attention heads of the tiny Llama")
-    g.add_argument("--intermediate-size", type=int, default=None, help="MLP size (default 4 x hidden)")
-    g.add_argument("--max-position-embeddings", type=int, default=512, help="context length of the tiny Llama")
+    g.add_argument("--num-prompts", type=utils.positive_int, default=3000, help="distinct toy prompts (split 80/20)")
+    g.add_argument("--vocab-size", type=utils.positive_int, default=1024, help="BPE vocabulary of the tiny base model")
+    g.add_argument("--hidden-size", type=utils.positive_int, default=64, help="hidden size of the tiny Llama")
+    g.add_argument("--num-layers", type=utils.positive_int, default=2, help="layers of the tiny Llama")
+    g.add_argument("--num-heads", type=utils.positive_int, default=4, help="attention heads of the tiny Llama")
+    g.add_argument("--intermediate-size", type=utils.positive_int, default=None, help="MLP size (default 4 x hidden)")
+    g.add_argument("--max-position-embeddings", type=utils.positive_int, default=512,
+                   help="context length of the tiny Llama")
     g = p.add_argument_group("real sources")
     g.add_argument("--dataset", default=None, help="hub id or local JSONL/folder (default: openbmb/UltraFeedback or "
                                                    "Skywork/Skywork-Reward-Preference-80K-v0.2)")
@@ -991,21 +1006,24 @@ def parse_args(argv=None):
                    help="gold RM r* (ultrafeedback default: RLHFlow/ArmoRM-Llama3-8B-v0.1; skywork: optional)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow the gold/new models' own code (ArmoRM needs it)")
-    g.add_argument("--gold-batch-size", type=int, default=16, help="sequences per gold-RM forward")
-    g.add_argument("--gold-max-length", type=int, default=4096, help="tokens per gold-RM input (longer: keep the end)")
+    g.add_argument("--gold-batch-size", type=utils.positive_int, default=16, help="sequences per gold-RM forward")
+    g.add_argument("--gold-max-length", type=utils.positive_int, default=4096,
+                   help="tokens per gold-RM input (longer: keep the end)")
     g.add_argument("--new-models", default="google/gemma-2-2b-it,allenai/OLMo-2-1124-7B-Instruct,"
                                            "HuggingFaceTB/SmolLM2-1.7B-Instruct,mistralai/Mistral-7B-Instruct-v0.2",
                    help="comma-separated M_valid generators for response-/mutual-OOD (ultrafeedback)")
-    g.add_argument("--samples-per-model", type=int, default=1, help="responses per prompt from each new model")
-    g.add_argument("--ood-prompts", type=int, default=None,
+    g.add_argument("--samples-per-model", type=utils.positive_int, default=1,
+                   help="responses per prompt from each new model")
+    g.add_argument("--ood-prompts", type=utils.positive_int, default=None,
                    help="cap on prompts of each generated OOD file (default all)")
     g.add_argument("--generator", choices=("auto", "vllm", "hf"), default="auto",
                    help="auto: vLLM if installed and a GPU, else transformers")
-    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel GPUs")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
-    g.add_argument("--max-new-tokens", type=int, default=1024, help="generation length")
-    g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per transformers generate call")
+    g.add_argument("--tensor-parallel-size", type=utils.positive_int, default=1, help="vLLM tensor parallel GPUs")
+    g.add_argument("--temperature", type=utils.nonneg_float, default=0.7, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=0.95, help="nucleus sampling")
+    g.add_argument("--max-new-tokens", type=utils.positive_int, default=1024, help="generation length")
+    g.add_argument("--gen-batch-size", type=utils.positive_int, default=16,
+                   help="prompts per transformers generate call")
     g.add_argument("--alpaca-eval-dir", default=None, help="AlpacaEval results folder (or the folder holding results/)")
     g.add_argument("--annotator", default="weighted_alpaca_eval_gpt4_turbo", help="AlpacaEval annotator folder")
     g.add_argument("--reference-model", default="gpt4_1106_preview", help="AlpacaEval reference (excluded)")
@@ -1027,13 +1045,35 @@ def parse_args(argv=None):
 # ===================================================================================================
 
 
+STAGE = "make_data.py"
+MANIFEST_KEYS = ("source", "seed", "counts", "splits", "checks", "args")
+
+
+def remove_stale_tmp(out):
+    """Delete '<out>.tmp-<pid>' folders that a crashed make_data.py left next to --out (ours by .written_by, and
+    their process is gone); anything else of that name is left alone."""
+    import utils
+
+    parent, base = os.path.split(os.path.abspath(out))
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
+        path = os.path.join(parent, name)
+        if m and os.path.isdir(path) and utils.folder_owner(path) == STAGE and not utils._pid_alive(int(m[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"[start] removed {path}, left by a crashed make_data.py")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import utils
 
-    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "manifest.json")):
-        raise SystemExit(f"--out {args.out} is a non-empty folder that make_data.py did not write; it would be "
-                         "replaced as a whole: choose a new folder")
+    # --out is replaced as a whole, so it must be a new folder or one make_data.py wrote (its .written_by, or for an
+    # older version's folder, a manifest with make_data's own keys): never a folder that merely holds a manifest.json
+    inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
+        "train_file", "valid_file", "prompt_ood_file", "response_ood_file", "mutual_ood_file", "rl_prompts_file",
+        "rl_eval_prompts_file", "dataset", "alpaca_eval_dir", "gold_model")]
+    utils.claim_out_dir(args.out, STAGE, inputs, legacy=("manifest.json", MANIFEST_KEYS), create=False)
+    remove_stale_tmp(args.out)
     utils.quiet_libraries()
     skipped = {}
     try:
@@ -1054,6 +1094,7 @@ def main(argv=None):
                 "args": vars(args), **extra}
     with utils.atomic_path(args.out) as tmp:
         os.makedirs(tmp)
+        utils.write_owner(tmp, STAGE)  # first: a crash leaves a temporary folder recognisably ours
         for name, rows in files.items():
             utils.write_jsonl(os.path.join(tmp, name), rows)
         if args.source == "synthetic":

@@ -17,6 +17,12 @@ the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
     # continue after a crash or kill
     python rloo.py ...same flags... --resume
 
+--resume refuses any flag that differs from the run's (and a --prompts / --gold-prompts file whose content changed)
+except --save-steps, --gold-every, --gold-batch-size, --rm-batch-size, --vllm-gpu-memory-utilization,
+--gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed config must be the same). --out must be a
+new folder or one rloo.py wrote (never an input model or data folder). --reward-model must be a trained reward
+model (an ...ForSequenceClassification checkpoint with one label); a causal LM is refused.
+
 The algorithm (one optimizer step per batch of B = --global-batch-size completions, B/k prompts):
   1. sample k responses y_1..y_k per prompt x from pi (temperature --temperature, top-p --top-p, no top-k)
   2. score each with the proxy RM: s_i = r(x, y_i). The response is decoded to text and re-encoded with
@@ -118,6 +124,10 @@ def rloo_loss(logp, ref_logp, mask, scores, k, beta):
     return loss, kl, rlhf_reward, adv
 
 
+# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE): they change no policy weight (sampling is
+# seeded per step, so the gold cadence does not move the training samples; batched RM scoring equals unbatched)
+RESUME_MAY_CHANGE = ("gold_every", "gold_batch_size", "rm_batch_size", "vllm_gpu_memory_utilization")
+
 # ===================================================================================================
 # Arguments
 # ===================================================================================================
@@ -131,47 +141,55 @@ def parse_args(argv=None):
                    help="JSONL with 'prompt' (str or chat messages) per row (DATA/rl_prompts.jsonl), or a hub "
                         "dataset id with a 'prompt' or 'messages' column")
     p.add_argument("--prompts-split", default="train", help="split, when --prompts is a hub dataset")
-    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N usable prompts")
+    p.add_argument("--max-prompts", type=utils.positive_int, default=None, help="use only the first N usable prompts")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--k", type=int, default=2, help="samples per prompt (paper: 2)")
-    p.add_argument("--beta", type=float, default=0.05, help="KL penalty coefficient (paper: 0.05)")
-    p.add_argument("--lr", type=float, default=2e-6, help="peak learning rate (paper: 2e-6 Sec. 3.2, 1e-6 Sec. 3.3)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share, then linear decay to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the prompts (paper: 5)")
-    p.add_argument("--global-batch-size", type=int, default=128,
+    p.add_argument("--k", type=utils.positive_int, default=2, help="samples per prompt (paper: 2)")
+    p.add_argument("--beta", type=utils.nonneg_float, default=0.05, help="KL penalty coefficient (paper: 0.05)")
+    p.add_argument("--lr", type=utils.positive_float, default=2e-6,
+                   help="peak learning rate (paper: 2e-6 Sec. 3.2, 1e-6 Sec. 3.3)")
+    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.03,
+                   help="linear warmup share, then linear decay to 0")
+    p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=utils.positive_int, default=5, help="passes over the prompts (paper: 5)")
+    p.add_argument("--global-batch-size", type=utils.positive_int, default=128,
                    help="completions per optimizer step over all ranks (= prompts x k; paper: 128)")
-    p.add_argument("--micro-batch-size", type=int, default=8,
+    p.add_argument("--micro-batch-size", type=utils.positive_int, default=8,
                    help="completions per device per training forward (a multiple of --k: whole prompt groups)")
-    p.add_argument("--gen-batch-size", type=int, default=None,
+    p.add_argument("--gen-batch-size", type=utils.positive_int, default=None,
                    help="completions per generate() call per device (default: the rank's whole share)")
-    p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens; longer prompts are skipped")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="response length limit (tokens)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (TRL's default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0 = off)")
-    p.add_argument("--missing-eos-penalty", type=float, default=1.0,
+    p.add_argument("--max-prompt-length", type=utils.positive_int, default=1024,
+                   help="prompt tokens; longer prompts are skipped")
+    p.add_argument("--max-new-tokens", type=utils.positive_int, default=1024, help="response length limit (tokens)")
+    p.add_argument("--temperature", type=utils.positive_float, default=0.7, help="sampling temperature (TRL's default)")
+    p.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=1.0,
+                   help="nucleus sampling threshold (1.0 = off)")
+    p.add_argument("--missing-eos-penalty", type=utils.finite_float, default=1.0,
                    help="subtracted from the RM score of a response cut at --max-new-tokens without a stop token")
-    p.add_argument("--rm-batch-size", type=int, default=16,
+    p.add_argument("--rm-batch-size", type=utils.positive_int, default=16,
                    help="sequences per RM forward (1 reproduces the paper's unpadded scoring; batched is equal)")
-    p.add_argument("--rm-max-length", type=int, default=None,
+    p.add_argument("--rm-max-length", type=utils.positive_int, default=None,
                    help="RM input tokens; longer inputs keep their end (utils.encode_prompt_response truncate)")
     p.add_argument("--gold", choices=("synthetic",), default=None,
                    help="synthetic: r* = make_data.gold_reward(prompt, response) (the toy world)")
     p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the gold model's own code (ArmoRM)")
     p.add_argument("--gold-prompts", default=None, help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
-    p.add_argument("--gold-max-prompts", type=int, default=None, help="use only the first N held-out prompts")
-    p.add_argument("--gold-every", type=int, default=10, help="gold evaluation every N steps (and at 0 and the end)")
-    p.add_argument("--gold-batch-size", type=int, default=8, help="sequences per gold-model forward")
+    p.add_argument("--gold-max-prompts", type=utils.positive_int, default=None,
+                   help="use only the first N held-out prompts")
+    p.add_argument("--gold-every", type=utils.positive_int, default=10,
+                   help="gold evaluation every N steps (and at 0 and the end)")
+    p.add_argument("--gold-batch-size", type=utils.positive_int, default=8, help="sequences per gold-model forward")
     p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU; weights synced every step)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3, help="GPU memory share of vLLM")
+    p.add_argument("--vllm-gpu-memory-utilization", type=utils.number_type(float, 0, 1, low_open=True), default=0.3,
+                   help="GPU memory share of vLLM")
     p.add_argument("--seed", type=int, default=42, help="seed for prompt order and sampling")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
-    p.add_argument("--save-steps", type=int, default=50, help="resume checkpoint every N steps (0 = end only)")
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=50,
+                   help="resume checkpoint every N steps (0 = end only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="DeepSpeed ZeRO stage (default: the --ds-config file's; its \"auto\" = 3 with several "
@@ -375,8 +393,22 @@ def main(argv=None):
 
     from utils import DataError, print0
 
+    resume_dir = os.path.join(args.out, "resume")
+    utils.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
+                                              ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
+                                              ("--gold-model", args.gold_model)],
+                        legacy=("rloo_config.json", ("args", "ds_config")), create=False)
+    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
+        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
+                         "drop --resume to start a new run")
+    utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
     utils.quiet_libraries()
     rank, world, local_rank, device = utils.init_distributed()
+    utils.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
+    utils.remove_leftovers(args.out)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
     mb, k = args.micro_batch_size, args.k
@@ -387,10 +419,6 @@ def main(argv=None):
                          f"--micro-batch-size x world size = {mb} x {world}")
     grad_accum = args.global_batch_size // (mb * world)
     prompts_per_step, prompts_per_rank = args.global_batch_size // k, args.global_batch_size // k // world
-    resume_dir = os.path.join(args.out, "resume")
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
     gold_reward = None
     if args.gold == "synthetic":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -433,6 +461,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=mb, grad_accum=grad_accum,
         max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
         world_size=world)
+    data_fingerprints = {"prompts": utils.fingerprint(args.prompts),
+                         "gold_prompts": utils.fingerprint(args.gold_prompts)}
+    saved_config = None
+    if args.resume:  # before the models load: a refused resume costs seconds
+        saved_config = utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
+                                          RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
 
     def load_lm(path):
@@ -512,29 +546,27 @@ def main(argv=None):
         return score.reshape(-1).float(), torch.zeros(len(input_ids), 1, device=input_ids.device)
 
     # ---------------------------------------------------------------- resume / fresh start
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     samples_path = os.path.join(args.out, "gold_samples.jsonl")
     start_step = 0
-    if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
-        resume_keys = (
-            "policy", "reward_model", "prompts", "k", "beta", "lr", "epochs", "global_batch_size",
-            "max_new_tokens", "temperature", "top_p", "seed", "max_prompts", "missing_eos_penalty")
-        utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, resume_keys, world, ds_config)
+    if args.resume:  # the run's rloo_config.json stays as it was written at its start
         start_step = utils.load_train_state(engine, resume_dir, metrics_path)
-        if utils.is_rank0() and os.path.exists(samples_path):
-            utils.write_jsonl(samples_path, [r for _, r in utils.read_jsonl(samples_path) if r["step"] <= start_step])
+        if utils.is_rank0():
+            utils.truncate_torn_jsonl(samples_path, lambda r: r.get("step", 0) <= start_step)
+        run_config = saved_config
         print0(f"[resume] at step {start_step}/{total_steps}")
-    elif utils.is_rank0():
-        for path in (metrics_path, samples_path):
-            if os.path.exists(path):
-                os.remove(path)
-    run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
-                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
-                  "gold_prompts": len(gold_prompts), "skipped": {"prompts": skipped, "gold_prompts": gold_skipped},
-                  "stop_token_ids": sorted(stop_ids), "ds_config": ds_config}
-    if utils.is_rank0():
-        utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
+    else:
+        if utils.is_rank0():
+            for path in (metrics_path, samples_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
+                      "gold_prompts": len(gold_prompts), "skipped": {"prompts": skipped, "gold_prompts": gold_skipped},
+                      "stop_token_ids": sorted(stop_ids), "data_fingerprints": data_fingerprints,
+                      "ds_config": ds_config}
+        if utils.is_rank0():
+            utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
     vllm_synced = False
 
     def log(row):
@@ -629,8 +661,8 @@ def main(argv=None):
             if world > 1:  # all ranks must agree to stop
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             if finite.item() == 0:
-                print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping. The last good "
-                       f"state is in {resume_dir} (use --resume after fixing lr / the reward model).")
+                print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping, the update was "
+                       f"not applied. {utils.last_good_state(args.out)}")
                 raise SystemExit(1)
             engine.backward(loss)
             engine.step()

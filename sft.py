@@ -16,6 +16,10 @@ end-of-turn marker), averaged over all assistant tokens of the global batch.
     # continue after a crash or kill
     python sft.py ...same flags... --resume
 
+--resume refuses any flag that differs from the run's (and a --train-file / --eval-file whose content changed)
+except --save-steps, --eval-batch-size, --gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed
+config must be the same). --out must be a new folder or one sft.py wrote (never the --model or data folder).
+
 Which tokens are trained is derived from the tokenizer's chat template, not from hand-written markers:
 for the assistant message i, render messages[:i] with the generation prompt and messages[:i+1]
 without it; the characters between the two renders are the assistant span, and a token is trained
@@ -92,6 +96,9 @@ def sft_loss_sum(logits, input_ids, train_mask):
     return (nll.view_as(mask) * mask).sum(), mask.sum()
 
 
+# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE): they change no trained weight
+RESUME_MAY_CHANGE = ("eval_batch_size",)
+
 # ===================================================================================================
 # Arguments
 # ===================================================================================================
@@ -107,25 +114,31 @@ def parse_args(argv=None):
     p.add_argument("--eval-file", default=None, help="conversations in the same format; eval/loss each epoch")
     p.add_argument("--eval-split", default="train", help="split, when --eval-file is a hub dataset")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (paper: 1e-5)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share, then cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the train set (paper: 1)")
-    p.add_argument("--global-batch-size", type=int, default=512, help="conversations per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="conversations per device per forward")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="conversations per device per eval forward")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per conversation")
+    p.add_argument("--lr", type=utils.positive_float, default=1e-5, help="peak learning rate (paper: 1e-5)")
+    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.1,
+                   help="linear warmup share, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=utils.positive_int, default=1, help="passes over the train set (paper: 1)")
+    p.add_argument("--global-batch-size", type=utils.positive_int, default=512,
+                   help="conversations per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=utils.positive_int, default=4,
+                   help="conversations per device per forward")
+    p.add_argument("--eval-batch-size", type=utils.positive_int, default=8,
+                   help="conversations per device per eval forward")
+    p.add_argument("--max-length", type=utils.positive_int, default=2048, help="tokens per conversation")
     p.add_argument("--truncate", action="store_true",
                    help="cut over-long conversations to --max-length (kept if an assistant token survives) "
                         "instead of skipping them")
-    p.add_argument("--max-train-rows", type=int, default=None, help="use only the first N usable conversations")
+    p.add_argument("--max-train-rows", type=utils.positive_int, default=None,
+                   help="use only the first N usable conversations")
     p.add_argument("--seed", type=int, default=42, help="seed for data order")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
-    p.add_argument("--save-steps", type=int, default=200, help="resume checkpoint every N steps (0 = epochs only)")
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=200,
+                   help="resume checkpoint every N steps (0 = epochs only)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                    help="DeepSpeed ZeRO stage (default: the --ds-config file's; its \"auto\" = 3 with several "
@@ -207,8 +220,20 @@ def main(argv=None):
 
     from utils import DataError, print0
 
+    resume_dir = os.path.join(args.out, "resume")
+    utils.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
+                                             ("--eval-file", args.eval_file)],
+                        legacy=("sft_config.json", ("args", "ds_config")), create=False)
+    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
+        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
+                         "drop --resume to start a new run")
     utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
+    utils.claim_out_dir(args.out, "sft.py", legacy=("sft_config.json", ("args", "ds_config")))
+    utils.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     per_step = args.micro_batch_size * world
@@ -216,10 +241,6 @@ def main(argv=None):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                          f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
     grad_accum = args.global_batch_size // per_step
-    resume_dir = os.path.join(args.out, "resume")
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.model)
@@ -258,6 +279,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
+    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
+                         "eval_file": utils.fingerprint(args.eval_file)}
+    saved_config = None
+    if args.resume:  # before the model loads: a refused resume costs seconds
+        saved_config = utils.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,
+                                          RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
     kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if args.attn_implementation:
@@ -284,24 +311,22 @@ def main(argv=None):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
     # ---------------------------------------------------------------- resume / fresh start
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_step = 0
-    if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
-        resume_keys = (
-            "model", "train_file", "train_split", "lr", "epochs", "global_batch_size", "max_length", "seed",
-            "max_train_rows")
-        utils.check_resume(os.path.join(args.out, "sft_config.json"), args, resume_keys, world, ds_config)
+    if args.resume:  # the run's sft_config.json stays as it was written at its start
         start_step = utils.load_train_state(engine, resume_dir, metrics_path)
+        run_config = saved_config
         print0(f"[resume] at step {start_step}/{total_steps}")
-    elif utils.is_rank0() and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
-                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_conversations": len(convs),
-                  "eval_conversations": len(eval_convs), "skipped": {"train": skipped, "eval": eval_skipped},
-                  "turn_end_ids": end_ids, "eos_appended": append_eos, "ds_config": ds_config}
-    if utils.is_rank0():
-        utils.write_json(os.path.join(args.out, "sft_config.json"), run_config)
+    else:
+        if utils.is_rank0() and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_conversations": len(convs),
+                      "eval_conversations": len(eval_convs), "skipped": {"train": skipped, "eval": eval_skipped},
+                      "turn_end_ids": end_ids, "eos_appended": append_eos, "data_fingerprints": data_fingerprints,
+                      "ds_config": ds_config}
+        if utils.is_rank0():
+            utils.write_json(os.path.join(args.out, "sft_config.json"), run_config)
 
     def log(row):
         if utils.is_rank0():
@@ -363,8 +388,8 @@ def main(argv=None):
             torch.distributed.all_reduce(loss_sum)
         loss = loss_sum.item() / max(1, n_global)
         if not math.isfinite(loss):
-            print0(f"[error] non-finite loss at step {step + 1}; stopping. The last good state is in {resume_dir} "
-                   "(use --resume after fixing lr/data).")
+            print0(f"[error] non-finite loss at step {step + 1}; stopping before anything of this step is saved. "
+                   f"{utils.last_good_state(args.out)}")
             raise SystemExit(1)
         utils.maybe_fault("after_step")
         dt = time.time() - t0

@@ -13,6 +13,11 @@ Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (
     # continue after a crash or kill
     python train_rm.py ...same flags... --resume
 
+--resume refuses any flag that differs from the run's (and a --train-file / --eval-file whose content changed)
+except these, which change no trained weight: --save-steps, --eval-batch-size, --norm-stats-pairs,
+--max-tokens-per-forward, --gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed config must
+be the same). --out must be a new folder or one train_rm.py wrote (never the --model or data folder).
+
 --out receives: the final HF checkpoint (AutoModelForSequenceClassification.from_pretrained(out) loads it),
 train_config.json, metrics.jsonl (per step and per epoch), epoch-N/ (a checkpoint per epoch) and resume/
 (DeepSpeed state for --resume).
@@ -26,6 +31,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+import utils
 
 # ===================================================================================================
 # ALGORITHM CORE: the loss (torch only; paste it anywhere)
@@ -64,6 +71,9 @@ def preference_loss(rewards_chosen, rewards_rejected, loss_type="bsr", lam=1e-3,
 
 
 LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
+# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE: --save-steps, --zero-stage, --ds-config,
+# --gradient-checkpointing, --out): they change what is logged or how it is computed, never a trained weight
+RESUME_MAY_CHANGE = ("eval_batch_size", "norm_stats_pairs", "max_tokens_per_forward")
 
 # ===================================================================================================
 # Arguments
@@ -80,27 +90,30 @@ def parse_args(argv=None):
     p.add_argument("--eval-file", default=None, help="pairs in the same format; pair accuracy each epoch")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--loss", choices=LOSSES, default="bsr", help="loss (see preference_loss)")
-    p.add_argument("--lam", type=float, default=1e-3, help="BSR / center weight lambda")
-    p.add_argument("--margin", type=float, default=1.0, help="hinge margin m")
+    p.add_argument("--lam", type=utils.nonneg_float, default=1e-3, help="BSR / center weight lambda")
+    p.add_argument("--margin", type=utils.finite_float, default=1.0, help="hinge margin m")
     p.add_argument("--bsr-scope", choices=("global", "micro"), default="global",
                    help="global: |B| = the whole global batch (all ranks, all accumulation steps; exact "
                         "eq. 25). micro: the official code's form, per device: lam * micro_batch * mean^2")
-    p.add_argument("--lr", type=float, default=5e-6, help="peak lr (paper: 5e-6 1-1.5B, 3e-6 3B, 2e-6 7-8B)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup share, then linear decay")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the train set")
-    p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step, all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="pairs per device per forward")
-    p.add_argument("--eval-batch-size", type=int, default=32, help="sequences per device per eval forward")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per (prompt, response) sequence")
+    p.add_argument("--lr", type=utils.positive_float, default=5e-6,
+                   help="peak lr (paper: 5e-6 1-1.5B, 3e-6 3B, 2e-6 7-8B)")
+    p.add_argument("--warmup-ratio", type=utils.fraction, default=0.05, help="linear warmup share, then linear decay")
+    p.add_argument("--weight-decay", type=utils.nonneg_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=utils.nonneg_float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--epochs", type=utils.positive_int, default=1, help="passes over the train set")
+    p.add_argument("--global-batch-size", type=utils.positive_int, default=128,
+                   help="pairs per optimizer step, all ranks")
+    p.add_argument("--micro-batch-size", type=utils.positive_int, default=8, help="pairs per device per forward")
+    p.add_argument("--eval-batch-size", type=utils.positive_int, default=32,
+                   help="sequences per device per eval forward")
+    p.add_argument("--max-length", type=utils.positive_int, default=2048, help="tokens per (prompt, response) sequence")
     p.add_argument("--truncate", action="store_true",
                    help="truncate over-long pairs (keeps the end of the response) instead of skipping them")
-    p.add_argument("--max-train-pairs", type=int, default=None, help="use only the first N valid pairs")
+    p.add_argument("--max-train-pairs", type=utils.positive_int, default=None, help="use only the first N valid pairs")
     p.add_argument("--seed", type=int, default=42, help="seed for head init and data order")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
-    p.add_argument("--max-tokens-per-forward", type=int, default=0,
+    p.add_argument("--max-tokens-per-forward", type=utils.nonneg_int, default=0,
                    help="split a micro-batch's length-sorted sequences into forwards of at most this many "
                         "(padded) tokens; rewards are joined before the loss, so the result is unchanged (0 = one "
                         "forward per micro-batch)")
@@ -110,8 +123,9 @@ def parse_args(argv=None):
     p.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2")
     p.add_argument("--head-init", choices=("paper", "keep"), default="paper",
                    help="paper: re-initialise Wp ~ N(0, 1/(H+1)); keep: continue from --model's head")
-    p.add_argument("--save-steps", type=int, default=100, help="resume checkpoint every N steps (0 = epochs only)")
-    p.add_argument("--norm-stats-pairs", type=int, default=2048,
+    p.add_argument("--save-steps", type=utils.nonneg_int, default=100,
+                   help="resume checkpoint every N steps (0 = epochs only)")
+    p.add_argument("--norm-stats-pairs", type=utils.nonneg_int, default=2048,
                    help="train pairs sampled for the per-epoch ||h_w - h_l|| statistics (0 = off)")
     p.add_argument("--resume", action="store_true", help="continue from --out/resume/latest")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
@@ -208,11 +222,24 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers.integrations import HfDeepSpeedConfig
 
-    import utils
     from utils import DataError, print0
 
+    resume_dir = os.path.join(args.out, "resume")
+    utils.claim_out_dir(args.out, "train_rm.py", [("--model", args.model), ("--train-file", args.train_file),
+                                                  ("--eval-file", args.eval_file)],
+                        legacy=("train_config.json", ("args", "ds_config")), create=False)
+    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
+        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
+        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
+                         "drop --resume to start a new run")
+    if args.head_init == "keep":  # continuing from --model's head: it must be a trained one
+        utils.check_reward_model(args.model, "--model (with --head-init keep)")
     utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
+    utils.claim_out_dir(args.out, "train_rm.py", legacy=("train_config.json", ("args", "ds_config")))
+    utils.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     per_step_pairs = args.micro_batch_size * world
@@ -220,10 +247,6 @@ def main(argv=None):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                          f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
     grad_accum = args.global_batch_size // per_step_pairs
-    resume_dir = os.path.join(args.out, "resume")
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.model)
@@ -257,6 +280,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
+    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
+                         "eval_file": utils.fingerprint(args.eval_file)}
+    saved_config = None
+    if args.resume:  # before the model loads: a refused resume costs seconds
+        saved_config = utils.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,
+                                          RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
     hf_model = utils.load_reward_model(args.model, tokenizer, torch.bfloat16 if bf16 else torch.float32,
                                        args.attn_implementation)
@@ -276,24 +305,21 @@ def main(argv=None):
         return engine(input_ids, attention_mask)
 
     # ---------------------------------------------------------------- resume / fresh start
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_step = 0
-    if args.resume and os.path.exists(os.path.join(resume_dir, "latest")):
-        resume_keys = (
-            "model", "train_file", "loss", "lam", "margin", "bsr_scope", "lr", "epochs", "global_batch_size",
-            "max_length", "seed", "max_train_pairs")
-        utils.check_resume(os.path.join(args.out, "train_config.json"), args, resume_keys, world, ds_config)
+    if args.resume:  # the run's train_config.json stays as it was written at its start
         start_step = utils.load_train_state(engine, resume_dir, metrics_path)
+        run_config = saved_config
         print0(f"[resume] from {resume_dir} at step {start_step}/{total_steps}")
-    elif utils.is_rank0() and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
-                  "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_pairs": len(pairs),
-                  "eval_pairs": len(eval_pairs), "skipped": {"train": skipped, "eval": eval_skipped},
-                  "ds_config": ds_config}
-    if utils.is_rank0():
-        utils.write_json(os.path.join(args.out, "train_config.json"), run_config)
+    else:
+        if utils.is_rank0() and os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_pairs": len(pairs),
+                      "eval_pairs": len(eval_pairs), "skipped": {"train": skipped, "eval": eval_skipped},
+                      "data_fingerprints": data_fingerprints, "ds_config": ds_config}
+        if utils.is_rank0():
+            utils.write_json(os.path.join(args.out, "train_config.json"), run_config)
 
     def log(row):
         if utils.is_rank0():
@@ -412,8 +438,8 @@ def main(argv=None):
                 if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
                     torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
                 if finite.item() == 0:
-                    print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping. The last "
-                           f"good checkpoint is in {resume_dir} (use --resume after fixing lr/data).")
+                    print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping, the update "
+                           f"was not applied. {utils.last_good_state(args.out)}")
                     raise SystemExit(1)
             engine.backward(loss * scale)
             engine.step()

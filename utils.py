@@ -6,8 +6,12 @@
 - THE function that turns (prompt, response) into model input ids (train, eval and RLOO all use it)
 - the reward forward pass, returning r(x, y) and the hidden state h(x, y) the head reads
 - DeepSpeed config filling, atomic writes and HF checkpoint export
+- the rules every stage follows for its --out (ownership, never around its inputs), --resume (what may change, data
+  fingerprints, torn logs, leftovers of a crashed save, pickle-free RNG state) and bad numbers on the command line
 """
 
+import argparse
+import hashlib
 import json
 import math
 import os
@@ -467,6 +471,41 @@ def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_impleme
     return model
 
 
+def check_reward_model(name, flag="--model"):
+    """Refuse a checkpoint without a trained Linear(H, 1) head: a causal LM or a bare encoder would be scored through a
+    randomly initialised head. Every stage that loads a TRAINED reward model calls this first (eval_rm, rloo, and
+    train_rm with --head-init keep)."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
+        raise SystemExit(f"{flag} {name}: no such folder")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {name}: cannot load a model config ({e})") from None
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise SystemExit(f"{flag} {name}: not a reward model (config.architectures = {archs}). A trained reward head "
+                         "is needed: an ...ForSequenceClassification checkpoint with num_labels=1, such as "
+                         "train_rm.py's --out. A causal LM or a bare encoder has none; train one with train_rm.py.")
+    if config.num_labels != 1:
+        raise SystemExit(f"{flag} {name}: a classifier with {config.num_labels} labels; a reward model has 1")
+    if os.path.isdir(name):
+        keys = []
+        index = os.path.join(name, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                keys = list(json.load(f)["weight_map"])
+        elif os.path.exists(os.path.join(name, "model.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(name, "model.safetensors"), "pt") as f:
+                keys = list(f.keys())
+        if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
+            raise SystemExit(f"{flag} {name}: config says {archs} but the weights hold no 'score'/'classifier' "
+                             "head; the head would be random")
+
+
 def init_reward_head(model, seed):
     """Wp ~ N(0, 1/(H+1)) (paper Sec. 2.1), bias zeroed and frozen; works with ZeRO-3 partitioned params."""
     import deepspeed
@@ -682,9 +721,7 @@ def save_train_state(engine, resume_dir, step):
         os.makedirs(resume_dir, exist_ok=True)
     torch.distributed.barrier()
     engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    save_rng_state(tmp, rank)
     torch.distributed.barrier()
     if is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
@@ -699,37 +736,301 @@ def save_train_state(engine, resume_dir, step):
     torch.distributed.barrier()
 
 
-def check_resume(config_path, args, keys, world_size, ds_config):
-    """--resume: refuse flags that differ from the saved run's, and a state DeepSpeed cannot load here."""
+def save_rng_state(state_dir, rank):
+    """This rank's torch (and CUDA) RNG state as safetensors: a format that holds tensors only, never code."""
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, os.path.join(state_dir, f"rng_rank{rank}.safetensors"))
+
+
+def load_rng_state(state_dir, rank):
+    """Restore what save_rng_state wrote. A state from an older version (rng_rank<r>.pt, a pickle) is read with
+    torch.load(weights_only=True), which refuses anything but tensors and plain containers: no code runs."""
+    path = os.path.join(state_dir, f"rng_rank{rank}.safetensors")
+    if os.path.exists(path):
+        from safetensors.torch import load_file
+
+        rng = load_file(path)
+    else:
+        path = os.path.join(state_dir, f"rng_rank{rank}.pt")
+        try:
+            rng = torch.load(path, weights_only=True)
+        except Exception as e:  # UnpicklingError for a pickle that would run code
+            raise SystemExit(f"--resume: {path} is not a plain RNG state ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); refusing to load it") from None
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def fingerprint(path):
+    """sha256 of a local data file (or of every file under a local dataset folder); None for a hub id.
+
+    Stored in a run's config so that --resume can refuse a data file edited in place."""
+    if not path or not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# Flags that never change a training result, so --resume accepts new values; every other flag must match the run.
+RESUME_MAY_CHANGE = ("resume", "out", "save_steps", "local_rank", "zero_stage", "ds_config", "gradient_checkpointing")
+
+
+def check_resume(config_path, args, world_size, ds_config, may_change=(), fingerprints=None):
+    """--resume: refuse any flag that differs from the saved run's (except RESUME_MAY_CHANGE and may_change), a data
+    file whose fingerprint changed, and a DeepSpeed state this launch cannot load. Returns the saved config.
+
+    --zero-stage and --ds-config may be given differently, but the filled DeepSpeed config must be the same."""
+    if not os.path.exists(config_path):
+        raise SystemExit(f"--resume: {config_path} is missing; the run cannot be checked, so it is not resumed")
     with open(config_path) as f:
         saved = json.load(f)
-    for key in keys:
-        if saved["args"].get(key) != getattr(args, key):
-            raise SystemExit(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the run in "
-                             f"{os.path.dirname(config_path)} used {saved['args'].get(key)!r}")
+    where = os.path.dirname(config_path)
+    free = set(RESUME_MAY_CHANGE) | set(may_change)
+    listed = ", ".join("--" + k.replace("_", "-") for k in sorted(free - {"resume", "local_rank", "out"}))
+    for key, value in sorted(vars(args).items()):
+        if key in free:
+            continue
+        old = saved["args"].get(key, "(not recorded)")
+        if old != value:
+            raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
+                             f"only {listed} may change on resume. Use the run's flags, or start a new run with "
+                             "another --out")
+    if fingerprints and "data_fingerprints" not in saved:  # a run started by an older version kept none
+        print0(f"[resume] {config_path} holds no data fingerprints (an older version wrote it): the data files "
+               "cannot be checked for changes")
+        fingerprints = {}
+    for key, value in (fingerprints or {}).items():
+        old = saved["data_fingerprints"].get(key)
+        if old != value:
+            raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
+                             f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "
+                             "file, or start a new run with another --out")
     stage = saved["ds_config"].get("zero_optimization", {}).get("stage")
     if saved["world_size"] != world_size or stage != ds_config.get("zero_optimization", {}).get("stage"):
         raise SystemExit(f"--resume: the saved state is ZeRO stage {stage} on {saved['world_size']} processes; "
                          f"resume with {saved['world_size']} processes and --zero-stage {stage}")
+    now = json.loads(json.dumps(ds_config, default=str))
+    if now != saved["ds_config"]:
+        diff = sorted(k for k in set(now) | set(saved["ds_config"]) if now.get(k) != saved["ds_config"].get(k))
+        raise SystemExit(f"--resume: the DeepSpeed config differs from the run's in {where} (keys {diff}); "
+                         "use the run's --ds-config")
+    return saved
+
+
+def last_good_state(out):
+    """What to do after a non-finite loss, true for this --out (the advice of every training stage)."""
+    latest = os.path.join(out, "resume", "latest")
+    if os.path.exists(latest):
+        with open(latest) as f:
+            state = os.path.join(out, "resume", f.read().strip())
+        return (f"The last good state is {state}; --resume continues from it only with the same flags (it refuses a "
+                "changed --lr or data), so to change them start a new run with another --out.")
+    return ("No resume state was saved before this step; change --lr or the data and start again (the same --out "
+            "is accepted: it holds no state to resume).")
+
+
+def truncate_torn_jsonl(path, keep=None):
+    """Rewrite a JSONL log keeping the rows keep(row) accepts. A last line that is not valid JSON is the torn tail of
+    a write that a kill interrupted: it is dropped, and said so. A bad line before the last is an error (file:line)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                print0(f"[resume] {path}:{lineno}: dropped a torn last line (a write cut short by the crash): "
+                       f"{line[:60]!r}")
+                continue
+            raise SystemExit(f"--resume: {path}:{lineno}: not valid JSON; the log is damaged (only its last line "
+                             "may be torn). Repair or remove that line") from None
+        if keep is None or keep(row):
+            rows.append(row)
+    write_jsonl(path, rows)
 
 
 def load_train_state(engine, resume_dir, metrics_path=None):
-    """Restore the state save_train_state wrote last; returns its step. Metrics rows after it are dropped."""
+    """Restore the state save_train_state wrote last; returns its step. Metrics rows after it are dropped.
+
+    The DeepSpeed files are read by DeepSpeed's own loader, which unpickles: a resume folder must be trusted like any
+    pickle. Our own RNG state is safetensors (load_rng_state)."""
     with open(os.path.join(resume_dir, "latest")) as f:
         state_dir = os.path.join(resume_dir, f.read().strip())
     engine.load_checkpoint(state_dir, tag="ds")
     with open(os.path.join(state_dir, "trainer_state.json")) as f:
         step = json.load(f)["step"]
-    rng = torch.load(os.path.join(state_dir, f"rng_rank{torch.distributed.get_rank()}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    if metrics_path and is_rank0() and os.path.exists(metrics_path):  # rows logged after the state are redone
-        with open(metrics_path) as f:
-            kept = [r for r in map(json.loads, f) if r["step"] <= step]
-        write_jsonl(metrics_path, kept)
+    load_rng_state(state_dir, torch.distributed.get_rank())
+    if metrics_path and is_rank0():  # rows logged after the state are redone
+        truncate_torn_jsonl(metrics_path, lambda r: r.get("step", 0) <= step)
     torch.distributed.barrier()
     return step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output folders: a stage writes only into a folder it owns, never into (or around) its inputs
+# ---------------------------------------------------------------------------------------------------
+
+OWNER_FILE = ".written_by"
+_LEFTOVER = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_path's temporary names
+
+
+def _within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def folder_owner(out):
+    """The stage named in out/.written_by, or None."""
+    try:
+        with open(os.path.join(out, OWNER_FILE)) as f:
+            return json.load(f).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_owner(out, stage):
+    """Mark a folder as written by this stage (see claim_out_dir)."""
+    write_json(os.path.join(out, OWNER_FILE), {"stage": stage})
+
+
+def claim_out_dir(out, stage, inputs=(), legacy=None, create=True):
+    """Refuse an --out this stage may not write; otherwise (create=True, rank 0) create it and mark it as ours.
+
+    Refused: --out equal to, inside or containing an input (inputs: (flag, path) pairs; hub ids and None are
+    ignored); --out naming a file; an existing non-empty folder that is not this stage's. A folder is this stage's
+    when its .written_by names the stage, or (runs of older versions) when it holds the stage's own config file
+    legacy = (file name, keys that file must have). Read-only on every rank, so call it before writing anything.
+    """
+    real = os.path.realpath(out)
+    for flag, path in inputs:
+        if not path or not os.path.exists(path):
+            continue
+        other = os.path.realpath(path)
+        how = ("is" if real == other else "is inside" if _within(real, other) else
+               "contains" if _within(other, real) else None)
+        if how:
+            raise SystemExit(f"--out {out} {how} the input {flag} {path}; a stage never writes into (or replaces) "
+                             "its own inputs: choose another --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out {out} is an existing file, not a folder: choose another --out")
+    if os.path.isdir(out) and os.listdir(out):
+        owner = folder_owner(out)
+        if owner != stage and not (owner is None and legacy and _legacy_owned(out, *legacy)):
+            by = f"written by {owner}" if owner else f"not written by {stage}"
+            raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
+                             "one it wrote itself: choose another --out")
+    if create and is_rank0():
+        os.makedirs(out, exist_ok=True)
+        if folder_owner(out) != stage:
+            write_owner(out, stage)
+
+
+def _legacy_owned(out, name, keys):
+    try:
+        with open(os.path.join(out, name)) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and all(k in obj for k in keys)
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(folder, recurse=("resume",)):
+    """Rank 0, at start: delete what a crashed save left in a folder this stage owns (claim_out_dir): atomic_path's
+    '<name>.tmp-<pid>' of a process that is gone, save_train_state's resume/.tmp-step-N, and an 'epoch-N.old' /
+    'final.old' whose replacement is complete (if the replacement is missing, the .old copy is put back)."""
+    if not is_rank0() or not os.path.isdir(folder):
+        return []
+    removed = []
+
+    def rm(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        removed.append(path)
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        m = _LEFTOVER.match(name)
+        if m and not _pid_alive(int(m["pid"])):
+            rm(path)
+        elif re.fullmatch(r"(epoch-\d+|final)\.old", name) and os.path.isdir(path):
+            final = path[: -len(".old")]
+            if os.path.isdir(final):
+                rm(path)
+            else:
+                os.replace(path, final)
+        elif name in recurse and os.path.isdir(path):
+            for sub in sorted(os.listdir(path)):
+                if re.fullmatch(r"\.tmp-step-\d+", sub) or (_LEFTOVER.match(sub) and not _pid_alive(
+                        int(_LEFTOVER.match(sub)["pid"]))):
+                    rm(os.path.join(path, sub))
+    for path in removed:
+        print0(f"[start] removed {path}, left by a crash while saving")
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# argparse types: a bad number is a usage error naming the flag, not a traceback later
+# ---------------------------------------------------------------------------------------------------
+
+
+def number_type(kind, low=None, high=None, low_open=False, none=False):
+    """argparse type: a finite int/float in [low, high] ((low, high] with low_open); none=True also accepts 'none'."""
+    bound = ("" if low is None else f" {'>' if low_open else '>='} {low}") + (
+        "" if high is None else f"{' and' if low is not None else ''} <= {high}")
+    what = f"{'an integer' if kind is int else 'a finite number'}{bound}"
+
+    def parse(text):
+        if none and text.lower() == "none":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+positive_int = number_type(int, 1)
+nonneg_int = number_type(int, 0)
+positive_float = number_type(float, 0, low_open=True)
+nonneg_float = number_type(float, 0)
+finite_float = number_type(float)
+fraction = number_type(float, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ def test_skywork_path(tmp_path, gold_rm):
     assert train[0]["chosen_score"] == pytest.approx(reference_gold(gold_rm, "hi there", "good answer"), abs=1e-4)
     agree = sum(r["chosen_score"] > r["rejected_score"] for r in train) / 2
     assert manifest["gold_agrees_with_labels"] == agree
-    assert sorted(os.listdir(out)) == ["manifest.json", "train.jsonl"]
+    assert sorted(os.listdir(out)) == [".written_by", "manifest.json", "train.jsonl"]  # .written_by: the owner
 
 
 AE_MODELS = ["gpt-3.5-turbo-0301", "claude-2", "vicuna-7b", "alpaca-7b", "falcon-7b-instruct",
@@ -426,7 +426,7 @@ def test_invalid_utf8_names_file_and_line_and_a_bom_is_read(tmp_path):
 
 def test_out_folder_of_something_else_is_not_replaced(tmp_path):
     (tmp_path / "keep.txt").write_text("a run of another stage")
-    with pytest.raises(SystemExit, match="did not write"):
+    with pytest.raises(SystemExit, match="non-empty folder not written by make_data.py"):
         md.main(["--out", str(tmp_path), "--num-prompts", "50"])
     assert (tmp_path / "keep.txt").read_text() == "a run of another stage"
 

@@ -239,6 +239,9 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_l
     assert proc.returncode == 1
     assert "non-finite loss at step 3" in proc.stdout and "Traceback" not in proc.stderr
     assert (out / "resume" / "latest").read_text() == "step-00000002"
+    # the advice is true: the named state exists, and a changed --lr needs a new --out (--resume refuses it)
+    assert f"The last good state is {out}/resume/step-00000002" in proc.stdout and "another --out" in proc.stdout
+    assert (out / "resume" / "step-00000002" / "trainer_state.json").exists()
     assert len(train_losses(out)) == 2  # the poisoned step was never applied or logged
 
 

@@ -331,8 +331,8 @@ def test_resume_refuses_changed_flags_world_size_or_stage(tmp_path):
     cfg = tmp_path / "train_config.json"
     cfg.write_text(json.dumps({"args": {"lr": 1e-3}, "world_size": 2, "ds_config": {"zero_optimization": {"stage": 3}}}))
     same = {"zero_optimization": {"stage": 3}}
-    utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), ("lr",), 2, same)  # accepted
+    utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 2, same)  # accepted
     with pytest.raises(SystemExit, match="--lr is 0.002 but the run in"):
-        utils.check_resume(str(cfg), argparse.Namespace(lr=2e-3), ("lr",), 2, same)
+        utils.check_resume(str(cfg), argparse.Namespace(lr=2e-3), 2, same)
     with pytest.raises(SystemExit, match="ZeRO stage 3 on 2 processes; resume with 2 processes and --zero-stage 3"):
-        utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), ("lr",), 1, {"zero_optimization": {"stage": 0}})
+        utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 1, {"zero_optimization": {"stage": 0}})
