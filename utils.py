@@ -725,8 +725,9 @@ def vllm_engine(model, *, max_model_len, dtype, seed, colocated, needed=None, te
         raise SystemExit(f"vLLM: {needed or 'max_model_len'} = {max_model_len} tokens per sequence, more than "
                          f"{model}'s {positions} positions (max_position_embeddings); lower --max-new-tokens "
                          "or --max-prompt-length")
-    kw = dict(model=model, tokenizer=model, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
-              seed=seed, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+    kw = dict(model=model, tokenizer=model, seed=seed,
+              dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
+              max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
               trust_remote_code=trust_remote_code, enable_prefix_caching=True,
               enforce_eager=not on_gpu)  # CPU: no torch.compile (minutes on a small CPU for little gain)
     if colocated:

@@ -205,7 +205,8 @@ def test_killed_vllm_run_resumes_to_the_same_end(world, full_run):
         for key in a:
             if not key.startswith("time/"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    wa, wb = load_file(os.path.join(full_run[0], "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    wa = load_file(os.path.join(full_run[0], "model.safetensors"))
+    wb = load_file(os.path.join(out, "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
@@ -229,9 +230,10 @@ def test_make_data_vllm_generator_writes_the_hf_generators_files(tmp_path):
     gold = str(tmp_path / "gold")
     tok = make_tokenizer(gold)
     torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(gold)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(gold)
     gens = []
     for k in range(4):
         path = policy_lm(str(tmp_path / f"gen{k}"), seed=k)
@@ -249,7 +251,8 @@ def test_make_data_vllm_generator_writes_the_hf_generators_files(tmp_path):
             f.write(json.dumps({"source": "evol_instruct", "instruction": f"question {i} about the cat and dog",
                                 "models": [f"uf-model-{j}" for j in range(4)], "correct_answers": ["none"],
                                 "incorrect_answers": ["none"],
-                                "completions": [{"annotations": {"helpfulness": {"Rating": "4"}}, "critique": "ok", "custom_system_prompt": "",
+                                "completions": [{"annotations": {"helpfulness": {"Rating": "4"}}, "critique": "ok",
+                                                 "custom_system_prompt": "",
                                                  "fine-grained_score": 4.0, "model": f"uf-model-{j}",
                                                  "overall_score": 7.0, "principle": "helpfulness", "response": r}
                                                 for j, r in enumerate(responses)]}) + "\n")
@@ -261,7 +264,8 @@ def test_make_data_vllm_generator_writes_the_hf_generators_files(tmp_path):
                     "--samples-per-model", "1", "--temperature", "0", "--max-new-tokens", "8",
                     "--generator", generator, "--rl-eval-prompts", "1"], env=VLLM_ENV)
     files = sorted(f for f in os.listdir(outs["hf"]) if f.endswith(".jsonl"))
-    assert "valid_response_ood.jsonl" in files and sorted(f for f in os.listdir(outs["vllm"]) if f.endswith(".jsonl")) == files
+    assert "valid_response_ood.jsonl" in files
+    assert sorted(f for f in os.listdir(outs["vllm"]) if f.endswith(".jsonl")) == files
     for name in files:
         a = [json.loads(line) for line in open(os.path.join(outs["hf"], name))]
         b = [json.loads(line) for line in open(os.path.join(outs["vllm"], name))]
