@@ -814,14 +814,22 @@ def generate_responses(args, prompts, skipped):
     out = {pid: [] for pid in pids}
     for name in models:
         conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
-        if use_vllm:
-            from vllm import LLM, SamplingParams
+        if use_vllm:  # the same prompt ids and decoding as the transformers branch below; the engine is utils'
+            from vllm import SamplingParams
 
-            llm = LLM(model=name, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-                      trust_remote_code=args.trust_remote_code)
+            tok = utils.load_tokenizer(name)
+            ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"] for c in conversations]
+            longest = max(len(p) for p in ids)
+            llm = utils.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
+                                    dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                                    seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                                    needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
+                                    trust_remote_code=args.trust_remote_code)
             params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
                                     max_tokens=args.max_new_tokens, seed=args.seed)
-            texts = [[o.text for o in r.outputs] for r in llm.chat(conversations, params, use_tqdm=True)]
+            outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=True)
+            texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
             del llm
             gc.collect()
         else:

