@@ -145,7 +145,9 @@ def spearman(x, y):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from utils import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", action="append", required=True,
                    help="reward model: train_rm.py output folder, any HF ...ForSequenceClassification (num_labels=1) "
                         "path or hub id; repeat for several models")

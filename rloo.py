@@ -124,7 +124,7 @@ def rloo_loss(logp, ref_logp, mask, scores, k, beta):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--policy", required=True, help="SFT checkpoint (hub id or path): the policy and the frozen reference")
     p.add_argument("--reward-model", required=True, help="train_rm.py output (AutoModelForSequenceClassification)")
     p.add_argument("--prompts", required=True,
@@ -367,15 +367,14 @@ def write_summary(out, rows, args, total_steps):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.quiet_libraries()  # before deepspeed and vllm are imported: they log on import
     import deepspeed
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-    from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
     from transformers.integrations import HfDeepSpeedConfig
 
     from utils import DataError, print0
 
-    utils.quiet_libraries()
     rank, world, local_rank, device = utils.init_distributed()
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -581,7 +580,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- training loop
     engine.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()

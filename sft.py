@@ -98,7 +98,7 @@ def sft_loss_sum(logits, input_ids, train_mask):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local path of the base causal LM (e.g. DATA/base)")
     p.add_argument("--train-file", required=True,
                    help="JSONL with a 'messages' list of {role, content} per row (DATA/sft.jsonl), or a hub "
@@ -200,14 +200,13 @@ def collate(convs, idx, pad_id, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.quiet_libraries()  # before deepspeed is imported: it logs on import
     import deepspeed
-    from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from utils import DataError, print0
 
-    utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
@@ -337,7 +336,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- training loop
     engine.train()
     mb = args.micro_batch_size
-    bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc="sft", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)

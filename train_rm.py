@@ -71,7 +71,9 @@ LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from utils import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local path of a causal LM / encoder checkpoint")
     p.add_argument("--train-file", required=True,
                    help="JSONL with prompt/chosen/rejected (strings or chat message lists), or a hub dataset id "
@@ -203,15 +205,15 @@ def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
 
 def main(argv=None):
     args = parse_args(argv)
+    import utils
+
+    utils.quiet_libraries()  # before deepspeed is imported: it logs on import
     import deepspeed
     import scipy.stats
-    from tqdm import tqdm
     from transformers.integrations import HfDeepSpeedConfig
 
-    import utils
     from utils import DataError, print0
 
-    utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
@@ -349,7 +351,7 @@ def main(argv=None):
     per_rank = args.micro_batch_size
     exact_prepass = args.loss == "bsr" and args.bsr_scope == "global" and grad_accum > 1
     seq_len = [(len(c), len(r)) for c, r in pairs]
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -8,12 +8,16 @@
 - DeepSpeed config filling, atomic writes and HF checkpoint export
 """
 
+import argparse
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import socket
+import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -37,6 +41,7 @@ def init_distributed():
     """
     import deepspeed
 
+    _deepspeed_op_builds()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -46,13 +51,78 @@ def init_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when its communicator starts (45-170 s
+        # on the first launch) that only inference tensor parallelism (inference_all_reduce) uses; every collective
+        # of training and eval goes through gloo either way. Without it DeepSpeed uses torch.distributed, as it does
+        # where the op cannot be built.
+        import importlib
+
+        # (import_module: `import deepspeed.comm.torch as m` binds the torch library, an attribute of deepspeed.comm)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device
 
 
+def torch_extensions_dir():
+    """Where DeepSpeed's JIT-compiled ops are cached: $TORCH_EXTENSIONS_DIR, else one folder per Python environment.
+
+    torch's default (~/.cache/torch_extensions/py311_cpu/) is shared by every environment with the same Python, so
+    two environments with different torch or DeepSpeed versions rebuilt each other's ops at every launch.
+    """
+    import hashlib
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    env_id = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"env-{env_id}")
+
+
+def _deepspeed_op_builds():
+    """Give DeepSpeed's op builds this environment's cache folder, and print one line before an op compiles."""
+    import glob
+
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # read by torch when an op is loaded
+    if getattr(OpBuilder.jit_load, "announces_compiles", False):
+        return
+    jit_load = OpBuilder.jit_load
+
+    def announced_jit_load(self, *args, **kwargs):
+        root = os.environ["TORCH_EXTENSIONS_DIR"]
+        if not glob.glob(os.path.join(root, "*", self.name, "*.so")):  # torch's layout: ROOT/py311_cu124/NAME/NAME.so
+            print0(f"[deepspeed] compiling its {self.name} op (once per environment, can take minutes; cached in {root})")
+        return jit_load(self, *args, **kwargs)
+
+    announced_jit_load.announces_compiles = True
+    OpBuilder.jit_load = announced_jit_load
+
+
+# Library messages that are expected and ask nothing of the user: logger name -> message prefixes. Everything else
+# (real warnings included) still prints. Each appeared once per stage in every CPU run.
+HARMLESS_LOG_MESSAGES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # a CPU machine is the expected case here, not a failed detection
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefixes)
+
+
 def quiet_libraries():
-    """Keep the console to our own progress bars and messages."""
+    """Keep the console to our own progress bars and messages; call it before importing deepspeed or vllm.
+
+    Silences only the known-harmless messages of HARMLESS_LOG_MESSAGES (the filters sit on the loggers the libraries
+    create later under the same names) and two FutureWarnings of torch.distributed that DeepSpeed triggers.
+    """
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -60,9 +130,68 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*|.*all_gather_into_tensor.*")
     hf_logging.disable_progress_bar()
-    import logging
-
+    for name, prefixes in HARMLESS_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every stage: the docstring's layout kept, and each flag's default shown.
+
+    A default of None or False is not shown: None means "decided at run time" (the help text says how) and False is
+    an off switch.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress bars: live on a terminal, a plain line every PROGRESS_LOG_INTERVAL_S seconds in a log file or pipe
+# ---------------------------------------------------------------------------------------------------
+
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
+def progress(iterable=None, interval=None, **kwargs):
+    """tqdm for every stage. On a terminal, the usual live bar. When the bar's stream (stderr) is a file or a pipe
+    (CI logs, `bash run_all.sh > log`), a tqdm redraw per step would flood it with '\r' updates, so it prints one
+    plain line instead at most every `interval` seconds (PROGRESS_LOG_INTERVAL_S), plus the final state."""
+    from tqdm import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        return tqdm(iterable, **kwargs)
+    return _log_progress_class()(iterable, interval=PROGRESS_LOG_INTERVAL_S if interval is None else interval,
+                                 **kwargs)
+
+
+def _log_progress_class():
+    from tqdm import tqdm
+
+    class LogProgress(tqdm):
+        """A tqdm that writes whole lines, each at least `interval` s after the last, and the final state at close."""
+
+        def __init__(self, iterable=None, interval=PROGRESS_LOG_INTERVAL_S, **kwargs):
+            self._interval, self._last_line, self._last_n = interval, None, None
+            kwargs.update(mininterval=interval, leave=False)  # leave=False: close() asks display(msg='') once
+            super().__init__(iterable, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            now = time.monotonic()
+            closing = msg == ""
+            due = self._last_line is None or now - self._last_line >= self._interval
+            if (due or closing) and self.n != self._last_n:
+                self.fp.write(self.__str__() + "\n")
+                self.fp.flush()
+                self._last_line, self._last_n = now, self.n
+            return False  # nothing to erase: tqdm must not write its '\r'
+
+    return LogProgress
 
 
 def is_rank0():
@@ -407,8 +536,6 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
     padding (results come back in the input order). Every rank runs the same number of forwards, which
     ZeRO-3 needs (parameters are gathered collectively).
     """
-    from tqdm import tqdm
-
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -416,7 +543,7 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
     mine = order[rank * per_rank: (rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
     rewards, hiddens = [], []
-    bar = tqdm(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
+    bar = progress(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
     for b in bar:
         idx = mine[b * batch_size: (b + 1) * batch_size] or order[:1]  # a dummy forward keeps ranks in step
         input_ids, attention_mask = pad_batch([seqs[i] for i in idx], pad_id, device)
