@@ -7,7 +7,7 @@ four scenarios), Figures 1-3 (||Wp||, ||h_w - h_l|| per epoch, ||h|| per scenari
 rank, eq. 32), Table 2 (RM-Bench), Table 5 (accuracy / Kendall's tau).
 
     # one process, CPU or one GPU; one or several models, each scored once and cached in OUT/cache
-    python eval_rm.py --model runs/toy/rm_bt --model runs/toy/rm_bsr --data-dir runs/toy/data --out runs/toy/eval
+    python eval_rm.py --model runs/toy/rm/bt/seed1 --model runs/toy/rm/bsr/seed1 --data-dir runs/toy/data --out runs/toy/eval
     # add RM-Bench (native JSON list, JSONL, or a hub id); a third-party RM needs no --data-dir
     python eval_rm.py --model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --rm-bench THU-KEG/RM-Bench --out eval_sky
     # several GPUs: sequences are sharded over ranks (each rank holds a full copy of the model)
@@ -394,8 +394,9 @@ def check_reward_checkpoint(name):
     """Refuse checkpoints without a trained Linear(H, 1) head (a causal LM or bare encoder would get a random one)."""
     from transformers import AutoConfig
 
-    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
-        raise SystemExit(f"--model {name}: no such folder")
+    from utils import check_model_source
+
+    check_model_source(name, "--model")
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -6,8 +6,8 @@ warmup 0.03, 5 epochs), Figure 5 (proxy reward vs KL, gold reward vs step), Tabl
 the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
 
     # one process, CPU or one GPU (toy world: gold reward computed by make_data.gold_reward)
-    python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm_bsr --prompts runs/toy/data/rl_prompts.jsonl \
-        --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo_bsr \
+    python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm/bsr/seed1 --prompts runs/toy/data/rl_prompts.jsonl \
+        --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo/bsr \
         --global-batch-size 16 --micro-batch-size 8 --lr 1e-4 --epochs 1 --max-new-tokens 24
     # one node, 8 GPUs, paper Sec. 3.2 (gold r* = ArmoRM; its remote code needs --trust-remote-code)
     deepspeed --num_gpus 8 rloo.py --policy runs/sft_qwen1.5b --reward-model runs/rm_bsr_qwen3b \
@@ -368,6 +368,9 @@ def write_summary(out, rows, args, total_steps):
 def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed and vllm are imported: they log on import
+    for flag, name in (("--policy", args.policy), ("--reward-model", args.reward_model), ("--gold-model", args.gold_model)):
+        if name:
+            utils.check_model_source(name, flag)
     import deepspeed
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig

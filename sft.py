@@ -201,6 +201,7 @@ def collate(convs, idx, pad_id, device):
 def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
+    utils.check_model_source(args.model, "--model")
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig

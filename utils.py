@@ -226,6 +226,31 @@ def gather_objects(obj):
     return out
 
 
+def check_model_source(name, flag="--model"):
+    """A model flag names a local folder or a hub id; anything else stops here with one clear line (transformers
+    would give a long chained traceback ending in "Repo id must be in the form 'repo_name'")."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise SystemExit(f"{flag} {name}: the folder holds no config.json, so it is not a saved model")
+        return
+    if os.path.exists(name):
+        raise SystemExit(f"{flag} {name}: a file, not a model folder or a hub id")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        hub_id = name.count("/") <= 1 and not name.startswith(("/", "./", "../", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise SystemExit(f"{flag} {name}: no such local folder, and not a valid hub id (a hub id is 'name' or "
+                         "'org/name')")
+    parent = name.split("/")[0]
+    if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
+        raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
+                         "a hub id)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data reading: errors name the file, the line and the field
 # ---------------------------------------------------------------------------------------------------

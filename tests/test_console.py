@@ -143,3 +143,48 @@ def test_op_compile_is_announced_once_and_extensions_dir_is_per_environment(tmp_
     (tmp_path / "py311_cpu" / "fake_op" / "fake_op.so").write_text("")
     assert OpBuilder.jit_load(op) == "module"  # cached: loaded without a message
     assert capsys.readouterr().out == "" and calls == ["fake_op", "fake_op"]
+
+
+# ------------------------------------------------------------------------------------------ mistyped model paths
+
+
+def test_model_source_check_names_the_problem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"--model runs/toy/base: no such local folder, and not a valid hub id"):
+        utils.check_model_source("runs/toy/base")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit, match=r"--policy runs/sft: no such local folder \(there is a local runs/"):
+        utils.check_model_source("runs/sft", "--policy")
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        utils.check_model_source("runs")
+    (tmp_path / "weights.bin").write_text("")
+    with pytest.raises(SystemExit, match="a file, not a model folder"):
+        utils.check_model_source("weights.bin")
+    utils.check_model_source("Qwen/Qwen2.5-1.5B")  # a hub id passes (loaded later, by transformers)
+    (tmp_path / "runs" / "config.json").write_text("{}")
+    utils.check_model_source("runs")
+
+
+def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
+    import eval_rm
+    import rloo
+    import sft
+    import train_rm
+
+    missing = str(tmp_path / "runs" / "toy" / "base")
+    out = str(tmp_path / "out")
+    cases = [(train_rm.main, ["--model", missing, "--train-file", "t.jsonl", "--out", out], "--model"),
+             (sft.main, ["--model", missing, "--train-file", "t.jsonl", "--out", out], "--model"),
+             (rloo.main, ["--policy", missing, "--reward-model", missing, "--prompts", "p.jsonl", "--out", out],
+              "--policy"),
+             (rloo.main, ["--policy", str(tmp_path), "--reward-model", missing, "--prompts", "p.jsonl", "--out", out],
+              "--policy"),  # a folder without config.json
+             (eval_rm.check_reward_checkpoint, missing, "--model")]
+    for main, argv, flag in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value).startswith(f"{flag} ") and ("no such local folder" in str(e.value)
+                                                        or "holds no config.json" in str(e.value)), str(e.value)
+    with pytest.raises(SystemExit, match="--reward-model .*no such local folder"):
+        (tmp_path / "config.json").write_text("{}")
+        rloo.main(["--policy", str(tmp_path), "--reward-model", missing, "--prompts", "p.jsonl", "--out", out])

@@ -117,3 +117,31 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
             assert len(outs) == 7 and len(set(outs)) == 7  # bt + 3 lambdas each of bsr and center, one folder each
             report = [a for s, a in commands if s == "eval_rm"][-1]
             assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
+
+
+def test_every_toy_path_in_docstrings_and_readme_is_one_the_toy_run_creates(tmp_path):
+    """`runs/toy/...` in an example must be a path of the toy run (RUNS=runs/toy), so examples work after it."""
+    import glob
+    import re
+    import shlex
+
+    proc = run_all("runs/toy", {"DRY_RUN": "1", "PRESET": "toy"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    created = {"runs/toy"}
+    for line in proc.stdout.splitlines():
+        if "(dry run)" in line:
+            for word in shlex.split(line.split(": ", 1)[1]):
+                for part in word.split("="):  # --rloo pi_bt=runs/toy/rloo/bt
+                    if part.startswith("runs/toy/"):
+                        created.add(part.rstrip("/"))
+    assert {"runs/toy/data/base", "runs/toy/sft", "runs/toy/rm/bsr/seed1", "runs/toy/rloo/bsr"} <= created
+    files = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "bench", "*.py")) + [
+        os.path.join(REPO, "README.md")]
+    bad = []
+    for path in files:
+        text = open(path).read()
+        for m in re.finditer(r"runs/toy(/[\w.\-/]*)?", text):
+            found = m.group(0).rstrip("/.")
+            if found not in created:
+                bad.append(f"{os.path.basename(path)}: {found}")
+    assert not bad, bad
