@@ -307,9 +307,11 @@ def make_plots(out, rows, title):
                                  ("gold_vs_step", "step", "gold reward r* (held-out prompts)"),
                                  ("length_vs_step", "step", "response length (tokens)")):
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        if name == "reward_vs_kl":  # Figure 5a-b: the trajectory, coloured by step
-            ax.plot(col(train, "train/kl"), col(train, "train/proxy_reward"), lw=0.8, color="0.6", zorder=1)
+        if name == "reward_vs_kl":  # Figure 5a-b: points coloured by step, and the smoothed trend (no zigzag)
             sc = ax.scatter(col(train, "train/kl"), col(train, "train/proxy_reward"), c=col(train, "step"), s=14)
+            if train:
+                ax.plot(*utils.reward_vs_kl_trend(train), color="black", lw=1.5, label="trend (moving average)")
+                ax.legend(fontsize=8)
             fig.colorbar(sc, ax=ax, label="step")
         elif name == "gold_vs_step" and gold:  # Figure 5c-d
             ax.errorbar(col(gold, "step"), col(gold, "gold/reward"), yerr=col(gold, "gold/reward_sem"), marker="o",
@@ -342,7 +344,7 @@ def write_summary(out, rows, args, total_steps):
         lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
                   "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
                   "|---|---|---|---|---|"]
-        for label, r in (("SFT", first), (f"+ RLOO (RM `{os.path.basename(os.path.normpath(args.reward_model))}`, "
+        for label, r in (("SFT", first), (f"+ RLOO (RM `{utils.model_label(args.reward_model)}`, "
                                            f"step {last['step']})", last)):
             lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
                          f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | {r['gold/no_eos_fraction']:.2f} |")
@@ -368,7 +370,8 @@ def write_summary(out, rows, args, total_steps):
 def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed and vllm are imported: they log on import
-    for flag, name in (("--policy", args.policy), ("--reward-model", args.reward_model), ("--gold-model", args.gold_model)):
+    for flag, name in (("--policy", args.policy), ("--reward-model", args.reward_model),
+                       ("--gold-model", args.gold_model)):
         if name:
             utils.check_model_source(name, flag)
     import deepspeed
@@ -681,7 +684,7 @@ def main(argv=None):
     if utils.is_rank0():
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f]
-        make_plots(args.out, rows, os.path.basename(os.path.normpath(args.reward_model)))
+        make_plots(args.out, rows, f"RM {utils.model_label(args.reward_model)}")
         write_summary(args.out, rows, args, total_steps)
         with open(os.path.join(args.out, "summary.md")) as f:
             print0("\n" + f.read())

@@ -93,7 +93,8 @@ def _deepspeed_op_builds():
     def announced_jit_load(self, *args, **kwargs):
         root = os.environ["TORCH_EXTENSIONS_DIR"]
         if not glob.glob(os.path.join(root, "*", self.name, "*.so")):  # torch's layout: ROOT/py311_cu124/NAME/NAME.so
-            print0(f"[deepspeed] compiling its {self.name} op (once per environment, can take minutes; cached in {root})")
+            print0(f"[deepspeed] compiling its {self.name} op (once per environment, can take minutes; "
+                   f"cached in {root})")
         return jit_load(self, *args, **kwargs)
 
     announced_jit_load.announces_compiles = True
@@ -249,6 +250,38 @@ def check_model_source(name, flag="--model"):
     if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
         raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
                          "a hub id)")
+
+
+def model_label(path):
+    """A short name for a model folder: its last part, or its last two when the last is only a seed or an epoch
+    (runs/toy/rm/bt/seed1 -> bt/seed1, runs/rm_bsr/epoch-2 -> rm_bsr/epoch-2), so the name says which method."""
+    import re
+
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 1 and re.fullmatch(r"seed\d+|epoch-\d+", parts[-1]):
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+def moving_average(values, window):
+    """Centred moving average over `window` consecutive values (the smoothed trend of a per-step curve); near the
+    ends, the mean of the values that exist in the window."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    half = max(0, int(window) // 2)
+    return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(len(v))])
+
+
+def reward_vs_kl_trend(rows):
+    """Figure 5a-b's trend: (kl, proxy reward) of RLOO's per-step rows, each smoothed over ~1/10 of the steps.
+
+    KL is not monotone in the step, so joining the raw points in step order zigzags across the panel; the plots draw
+    the raw points coloured by step and this smoothed path on top.
+    """
+    kl = [r["train/kl"] for r in rows]
+    window = max(3, len(kl) // 10) | 1  # odd, so centred; at least 3 steps, or a short run would not be smoothed
+    return moving_average(kl, window), moving_average([r["train/proxy_reward"] for r in rows], window)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,20 +48,23 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
 
     results = runs / "results"
     report = json.load(open(results / "report.json"))
-    assert sorted(report["models"]) == ["bsr_seed1", "bt_seed1"]
+    assert sorted(report["models"]) == ["bsr/seed1", "bt/seed1"]  # the labels run_all.sh gives, unchanged
     for label, m in report["models"].items():
         missing = [k for k in eval_rm.fixed_keys() if k not in m]
         assert not missing, (label, missing)
         assert 0 <= m["id/accuracy"] <= 1 and -1 <= m["mutual_ood/kendall_tau"] <= 1
     assert sorted(report["groups"]) == ["bsr", "bt"]
-    assert report["groups"]["bt"]["id/accuracy"]["mean"] == report["models"]["bt_seed1"]["id/accuracy"]
+    assert report["groups"]["bt"]["id/accuracy"]["mean"] == report["models"]["bt/seed1"]["id/accuracy"]
     for name in ("pi_bt", "pi_bsr"):
         block = report["rloo"][name]
         assert block["sft"]["gold_reward"] == report["rloo"]["pi_bt"]["sft"]["gold_reward"]  # one SFT start
         assert block["final"]["step"] == block["steps"] and block["final"]["length_tokens"] > 0
     md = (results / "report.md").read_text()
-    for heading in ("## Robustness", "## Hidden states", "## Mean ± std over seeds", "## RLHF with each reward model"):
+    for heading in ("## Robustness", "## Hidden states", "## Mean ± std over seeds", "## RLHF with each reward model",
+                    "## Settings", "## Each method against BT"):
         assert heading in md
+    assert "| bsr/seed1 | bsr | 0.001 | 0.001 |" in md  # loss, λ, lr from the run's train_config.json
+    assert "pi_bsr (RM bsr/seed1," in md and "bt_seed1" not in md
     for fig in ("fig1_wp_norm.png", "fig2_hidden_diff_per_epoch.png", "fig3_hidden_norms.png", "fig5_rloo.png"):
         assert os.path.getsize(results / fig) > 10000, fig
     assert f"Report: {results}/report.md" in done.stdout

@@ -102,7 +102,8 @@ def test_token_budget_is_on_by_default_and_changes_no_number(bsr_run, tiny_llama
     assert train_losses(chunked) == pytest.approx(train_losses(off), rel=1e-5, abs=1e-6)
     assert_same_weights(chunked, off, atol=2e-5)
     assert_same_weights(bsr_run, off, atol=2e-5)
-    padding = {out: [r["train/padding_fraction"] for r in read_metrics(out) if "train/loss" in r] for out in (off, chunked)}
+    padding = {out: [r["train/padding_fraction"] for r in read_metrics(out) if "train/loss" in r]
+               for out in (off, chunked)}
     assert sum(padding[chunked]) < sum(padding[off])  # it really split: less padding
 
 
