@@ -274,13 +274,13 @@ def moving_average(values, window):
 
 
 def reward_vs_kl_trend(rows):
-    """Figure 5a-b's trend: (kl, proxy reward) of RLOO's per-step rows, each smoothed over ~1/10 of the steps.
+    """Figure 5a-b's trend: (kl, proxy reward) of RLOO's per-step rows, each smoothed over ~1/5 of the steps.
 
     KL is not monotone in the step, so joining the raw points in step order zigzags across the panel; the plots draw
     the raw points coloured by step and this smoothed path on top.
     """
     kl = [r["train/kl"] for r in rows]
-    window = max(3, len(kl) // 10) | 1  # odd, so centred; at least 3 steps, or a short run would not be smoothed
+    window = max(3, len(kl) // 5) | 1  # odd, so centred; at least 3 steps, or a short run would not be smoothed
     return moving_average(kl, window), moving_average([r["train/proxy_reward"] for r in rows], window)
 
 

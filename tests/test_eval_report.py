@@ -31,7 +31,7 @@ def _rloo_rows(n=40):
 def test_reward_vs_kl_trend_is_the_moving_average_and_does_not_zigzag():
     rows = _rloo_rows()
     kl, reward = utils.reward_vs_kl_trend(rows)
-    window = 5  # 40 steps // 10 = 4 -> odd 5
+    window = 9  # 40 steps // 5 = 8 -> odd 9
     np.testing.assert_allclose(kl, utils.moving_average([r["train/kl"] for r in rows], window))
     np.testing.assert_allclose(reward, utils.moving_average([r["train/proxy_reward"] for r in rows], window))
 
