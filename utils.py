@@ -6,6 +6,8 @@
 - THE function that turns (prompt, response) into model input ids (train, eval and RLOO all use it)
 - the reward forward pass, returning r(x, y) and the hidden state h(x, y) the head reads
 - DeepSpeed config filling, atomic writes and HF checkpoint export
+- the console: progress bars that suit a log, known-harmless library messages silenced, --help with defaults, a clear
+  error for a mistyped model path, short model labels and the Figure 5 trend
 """
 
 import argparse
