@@ -7,7 +7,8 @@ four scenarios), Figures 1-3 (||Wp||, ||h_w - h_l|| per epoch, ||h|| per scenari
 rank, eq. 32), Table 2 (RM-Bench), Table 5 (accuracy / Kendall's tau).
 
     # one process, CPU or one GPU; one or several models, each scored once and cached in OUT/cache
-    python eval_rm.py --model runs/toy/rm_bt --model runs/toy/rm_bsr --data-dir runs/toy/data --out runs/toy/eval
+    python eval_rm.py --model runs/toy/rm/bt/seed1 --model runs/toy/rm/bsr/seed1 --data-dir runs/toy/data \
+        --out runs/toy/eval
     # add RM-Bench (native JSON list, JSONL, or a hub id); a third-party RM needs no --data-dir
     python eval_rm.py --model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --rm-bench THU-KEG/RM-Bench --out eval_sky
     # RM-Bench's own data folder (chat_filtered.json, ...), and plain preference test sets (any train_rm.py format)
@@ -149,9 +150,9 @@ def spearman(x, y):
 
 
 def parse_args(argv=None):
-    import utils
+    from utils import HelpFormatter
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", action="append", required=True,
                    help="reward model: train_rm.py output folder, any HF ...ForSequenceClassification (num_labels=1) "
                         "path or hub id; repeat for several models")
@@ -500,7 +501,8 @@ def cache_plan(model, label, sets, args):
     import utils
 
     cache_dir = args.cache_dir or os.path.join(args.out, "cache")
-    paths = {s.name: os.path.join(cache_dir, f"{label}-{s.name.replace('/', '-')}-{fingerprint(args, model, s)}.pt")
+    name = label.replace("/", "_").replace(os.sep, "_")  # labels like bt/seed1 name a file, not a folder
+    paths = {s.name: os.path.join(cache_dir, f"{name}-{s.name.replace('/', '-')}-{fingerprint(args, model, s)}.pt")
              for s in sets}
     cached = [] if args.no_cache else [n for n, p in paths.items() if os.path.exists(p)]
     return paths, sorted(set.intersection(*map(set, utils.gather_objects(cached))))
@@ -523,14 +525,17 @@ def score_model(model, label, sets, args, device, paths, cached):
     rm = utils.RewardModel(hf_model)
     wp_norm = utils.head_weight_norm(hf_model)
     max_length = min(args.max_length, getattr(hf_model.config, "max_position_embeddings", None) or args.max_length)
-    if max_length < args.max_length:
-        utils.print0(f"[model] {label}: sequences truncated at the model's {max_length} positions (< --max-length)")
     for s in (s for s in sets if s.name not in scores):
         scores[s.name] = score_set(rm, tokenizer, s, args, max_length, device, f"{label}/{s.name}")
         scores[s.name]["wp_norm"] = wp_norm
         if not args.no_cache and utils.is_rank0():
             with utils.atomic_path(paths[s.name]) as tmp:
                 torch.save(scores[s.name], tmp)
+        if scores[s.name]["n_truncated"]:  # only when it happened (a shorter model limit alone truncates nothing)
+            limit = (f"the model's {max_length} positions (< --max-length {args.max_length})"
+                     if max_length < args.max_length else f"--max-length {max_length}")
+            utils.print0(f"[model] {label}/{s.name}: {scores[s.name]['n_truncated']} sequences truncated at {limit}, "
+                         "keeping the end of the response")
     del rm, hf_model
     return scores, wp_norm
 
@@ -667,6 +672,72 @@ def _table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
+def _fmt_setting(v):
+    return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _settings_md(report):
+    """The settings each run was made with, so the report reads on its own."""
+    settings, md = report.get("settings") or {}, []
+    if settings.get("models"):
+        md += ["\n## Settings\n\nReward models (train_rm.py, from each model's train_config.json; λ applies to "
+               "bsr and center):\n\n",
+               _table(["Model"] + [name for name, _ in RM_SETTINGS] + ["train pairs"],
+                      [[label] + [_fmt_setting(v.get(key)) if key != "lam" or v.get("loss") in ("bsr", "center")
+                                  else "—" for _, key in RM_SETTINGS] + [_fmt_setting(v.get("train_pairs"))]
+                       for label, v in settings["models"].items()])]
+    if settings.get("rloo"):
+        rm = {name: r.get("reward_model_label") for name, r in (report.get("rloo") or {}).items()}
+        md += ["\nRLOO policies (rloo.py, from each run's rloo_config.json):\n\n",
+               _table(["Policy", "Reward model"] + [name for name, _ in RLOO_SETTINGS] + ["steps"],
+                      [[name, f"`{rm.get(name)}`"] + [_fmt_setting(v.get(key)) for _, key in RLOO_SETTINGS]
+                       + [_fmt_setting(v.get("steps"))] for name, v in settings["rloo"].items()])]
+    return md
+
+
+def _differences_md(report):
+    """Each method's mean minus BT's, on the headline metrics (needs a 'bt' seed group and one other)."""
+    groups = report.get("groups") or {}
+    others = [g for g in groups if g != "bt"]
+    if "bt" not in groups or not others:
+        return []
+    header, lines = ["Metric", "bt"], []
+    for g in others:
+        header += [g, f"{g} − bt"]
+    for key, title in SEED_TABLE:
+        bt = (groups["bt"].get(key) or {}).get("mean")
+        line = [title, _f(bt)]
+        for g in others:
+            value = (groups[g].get(key) or {}).get("mean")
+            diff = value - bt if value is not None and bt is not None else None
+            line += [_f(value), _f(diff, sign="+")]
+        lines.append(line)
+    seeds = sorted({len(v["members"]) for v in groups.values()})
+    over = "one seed each" if seeds == [1] else "means over seeds (" + ", ".join(
+        f"{g}: {len(v['members'])}" for g, v in groups.items()) + ")"
+    return [f"\n## Each method against BT ({over}; difference = method − BT)\n\n", _table(header, lines)]
+
+
+def _pinned_norms(models, names, threshold=1e-3):
+    """{label: largest std/mean of ||h|| over the sets} for models whose ||h|| is pinned (below threshold)."""
+    out = {}
+    for label, m in models.items():
+        rel = [m[f"norms/{n}/std"] / m[f"norms/{n}/mean"] for n in names
+               if m.get(f"norms/{n}/mean") and m.get(f"norms/{n}/std") is not None]
+        if rel and max(rel) < threshold:
+            out[label] = max(rel)
+    return out
+
+
+def _pinned_note(pinned):
+    if not pinned:
+        return []
+    worst = max(pinned.values())
+    return [f"\nNote: ‖h‖ is pinned for {', '.join(pinned)}: its relative spread (std / mean) is at most "
+            f"{100 * worst:.2g}% in every set (below 0.1%), so differences between models in its std are tiny in "
+            "absolute terms; fig3's x-axes are zoomed to the data and make them look large.\n"]
+
+
 def write_report_md(path, report, sets, figures):
     models, names = report["models"], [s.name for s in sets if s.sizes]
     evals, ood = [n for n in names if n != "train" and not n.startswith(PAIRS)], SCENARIOS[1:]
@@ -676,6 +747,7 @@ def write_report_md(path, report, sets, figures):
         return [[label] + cells(m) for label, m in models.items()]
 
     md = ["# Reward model evaluation\n\n", _table(["Model", "Path"], rows(lambda m: [f"`{m['model']}`"]))]
+    md += _settings_md(report) + _differences_md(report)
     if set(SCENARIOS) & set(names):
         md += ["\n## Robustness (paper Table 5 layout; 95% bootstrap intervals over prompts)\n\n",
                _table(["Model", "In-Domain (Accuracy ↑)"] + [f"{TITLES[s]} (Kendall's τ ↑)" for s in ood],
@@ -700,6 +772,7 @@ def write_report_md(path, report, sets, figures):
     md += ["\n## Hidden states (paper Figures 1-3, Table 1)\n\n||h(x, y)||, mean ± std (skew):\n\n",
            _table(["Model", "‖Wp‖"] + [_title(n) for n in names],
                   rows(lambda m: [_f(m["wp_norm"], 3)] + [_dist(m, f"norms/{n}") for n in names])),
+           *_pinned_note(_pinned_norms(models, names)),
            "\n||h(x, y_w) - h(x, y_l)|| over preference pairs, mean ± std (skew):\n\n",
            _table(["Model"] + [_title(n) for n in names], rows(lambda m: [_dist(m, f"diff_norms/{n}") for n in names])),
            f"\nEffective rank (eq. 32; rows not mean-centred; {n_rows} rows per set), Δ = erank_eval - erank_train:"
@@ -722,7 +795,10 @@ def write_report_md(path, report, sets, figures):
         md += [_table(["Model", "chosen \\ rejected"] + list(styles),
                       [[k if i == 0 else "", style] + [_f(v, 1, 100) for v in matrix[k][i]] for k in models
                        for i, style in enumerate(styles)])]
-    if report.get("groups"):
+    if report.get("groups") and all(len(v["members"]) == 1 for v in report["groups"].values()):
+        md += ["\n## Mean ± std over seeds\n\nOne seed per method: nothing to average (the rows above are the "
+               "methods; SEEDS=\"1 2 3\" bash run_all.sh gives the spread over seeds).\n"]
+    elif report.get("groups"):
         md += ["\n## Mean ± std over seeds\n\n",
                _table(["Method", "Seeds"] + [title for _, title in SEED_TABLE],
                       [[g, str(len(v["members"]))] + [_mean_std(v[k]) if k in v else "n/a" for k, _ in SEED_TABLE]
@@ -734,7 +810,7 @@ def write_report_md(path, report, sets, figures):
                   _f(sft["length_tokens"], 1), _f(sft["length_chars"], 1), "", "", ""]] if sft else []
         for name, r in runs.items():
             fin = r.get("final") or {}
-            lines.append([f"{name} (RM `{r['reward_model']}`, step {fin.get('step')})",
+            lines.append([f"{name} (RM {r.get('reward_model_label') or r['reward_model']}, step {fin.get('step')})",
                           _pm(fin.get("gold_reward"), fin.get("gold_reward_sem")),
                           _f(fin.get("length_tokens"), 1), _f(fin.get("length_chars"), 1),
                           _f(r["train/proxy_reward"]), _f(r["train/kl"]), _f(r["train/response_length"], 1)])
@@ -803,7 +879,10 @@ def plot_all(out, report, sets, scores_all):
             ax.hist(d, bins=bins, density=True, histtype="stepfilled", alpha=0.25, color=color[m])
             ax.hist(d, bins=bins, density=True, histtype="step", color=color[m],
                     label=f"{m}: {d.mean():.4g} ± {d.std():.3g}")
-        ax.set(title=_title(n), xlabel="||h(x, y)||", ylabel="density")
+        xlabel, mid = "||h(x, y)||", (abs(lo) + abs(hi)) / 2
+        if mid and (hi - lo) / mid < 0.01:  # a zoomed axis: say how narrow, so small differences do not look large
+            xlabel += f" (axis spans only {hi - lo:.3g} = {100 * (hi - lo) / mid:.2g}% of ||h||)"
+        ax.set(title=_title(n), xlabel=xlabel, ylabel="density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
@@ -831,18 +910,33 @@ def plot_all(out, report, sets, scores_all):
         save(fig, "fig2_hidden_diff_per_epoch.png")
 
     # Figure 1: ||Wp|| per model; the N(0, 1/(H+1)) initialisation gives E||Wp|| close to 1
-    fig, ax = plt.subplots(figsize=(min(14, max(4, 0.75 * len(labels) + 2)), 3.8))
-    values = [models[label]["wp_norm"] for label in labels]
-    bars = ax.bar(range(len(labels)), values, color=[color[method[label]] for label in labels])
-    ax.bar_label(bars, fmt="%.3f", fontsize=7)
-    many = len(labels) > 4  # slanted labels so that "bsr_lam1e-3_seed2" does not overlap its neighbours
-    ax.set_xticks(range(len(labels)), labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
-    ax.axhline(1.0, ls="--", color="gray", label="initialisation, E||Wp|| ≈ 1")
-    ax.set(ylabel="||Wp||", title="Reward head norm per model (paper Fig. 1)", ylim=(0, max(values + [1.0]) * 1.4))
-    ax.legend(loc="upper left", fontsize=8)
+    fig = wp_norm_figure(labels, [models[label]["wp_norm"] for label in labels],
+                         [color[method[label]] for label in labels])
     save(fig, "fig1_wp_norm.png")
 
     return figures
+
+
+def wp_norm_figure(labels, values, colors):
+    """Figure 1: ||Wp|| per model as bars, the initialisation's E||Wp|| ~ 1 as a dashed line.
+
+    The values are written inside the bars, at half height: trained norms sit near 1, so a value on top of a bar
+    would sit on the dashed line. The figure is wide enough for its title (tight_layout cannot shrink a title).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.75 * len(labels) + 2)), 3.8))
+    bars = ax.bar(range(len(labels)), values, color=colors)
+    ax.bar_label(bars, labels=[_f(v, 3) for v in values], label_type="center", fontsize=7, color="white",
+                 fontweight="bold")
+    many = len(labels) > 4  # slanted labels so that "bsr_lam1e-3/seed2" does not overlap its neighbours
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if many else 0, ha="right" if many else "center", fontsize=8)
+    ax.axhline(1.0, ls="--", color="gray", label="initialisation, E||Wp|| ≈ 1")
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    ax.set(ylabel="||Wp||", ylim=(0, max(finite + [1.0]) * 1.4))
+    ax.set_title("Reward head norm per model (paper Fig. 1)", fontsize=11)
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
 
 
 # ===================================================================================================
@@ -886,14 +980,53 @@ def load_rloo(specs):
     return runs
 
 
-def rloo_report(runs):
-    """report.json block: the SFT row and each policy's final row (Table 3), plus its last training step."""
+def rloo_report(runs, model_paths=None):
+    """report.json block: the SFT row and each policy's final row (Table 3), plus its last training step.
+
+    reward_model_label: the RM's label among the evaluated models (e.g. bsr/seed1), so tables name it by method.
+    """
+    from utils import model_label
+
+    by_path = {os.path.normpath(p): label for label, p in (model_paths or {}).items()}
     out = {}
     for name, run in runs.items():
         s, last = run["summary"], (run["train"] or [{}])[-1]
-        out[name] = {"dir": run["dir"], "reward_model": s.get("reward_model"), "steps": s.get("steps"),
+        rm = s.get("reward_model")
+        out[name] = {"dir": run["dir"], "reward_model": rm, "steps": s.get("steps"),
+                     "reward_model_label": by_path.get(os.path.normpath(rm)) or model_label(rm) if rm else None,
                      "sft": s.get("sft"), "final": s.get("rloo"), "train/proxy_reward": last.get("train/proxy_reward"),
                      "train/kl": last.get("train/kl"), "train/response_length": last.get("train/response_length")}
+    return out
+
+
+# the flags that say how each run was made: (report name, key in the run's *_config.json "args")
+RM_SETTINGS = (("loss", "loss"), ("λ", "lam"), ("lr", "lr"), ("epochs", "epochs"), ("global batch", "global_batch_size"),
+               ("micro batch", "micro_batch_size"), ("max length", "max_length"), ("seed", "seed"))
+RLOO_SETTINGS = (("β (KL)", "beta"), ("lr", "lr"), ("epochs", "epochs"), ("global batch", "global_batch_size"),
+                 ("k", "k"), ("max new tokens", "max_new_tokens"), ("seed", "seed"))
+
+
+def run_settings(report):
+    """{"models": {label: {...}}, "rloo": {name: {...}}}: the training flags read from each run's own config file
+    (train_rm.py's train_config.json, rloo.py's rloo_config.json); a model without one (hub RM) is left out."""
+    def read(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    out = {"models": {}, "rloo": {}}
+    for label, m in report["models"].items():
+        cfg = read(os.path.join(m["model"], "train_config.json")) if os.path.isdir(m["model"]) else None
+        if cfg:
+            out["models"][label] = {key: cfg["args"].get(key) for _, key in RM_SETTINGS}
+            out["models"][label]["train_pairs"] = cfg.get("train_pairs")
+    for name, r in (report.get("rloo") or {}).items():
+        cfg = read(os.path.join(r["dir"], "rloo_config.json"))
+        if cfg:
+            out["rloo"][name] = {key: cfg["args"].get(key) for _, key in RLOO_SETTINGS}
+            out["rloo"][name]["steps"] = cfg.get("total_steps")
     return out
 
 
@@ -904,15 +1037,25 @@ def plot_rloo(out, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import utils
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, run in runs.items():
+    cmaps = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+    for i, (name, run) in enumerate(runs.items()):
         t, g = run["train"], run["gold"]
-        axes[0].plot([r["train/kl"] for r in t], [r["train/proxy_reward"] for r in t], "o-", ms=3, label=name)
+        cmap = plt.get_cmap(cmaps[i % len(cmaps)])
+        # points coloured by step (light = early), the smoothed trend in the policy's colour: KL is not monotone
+        # in the step, so a line through the points in step order would zigzag across the panel
+        axes[0].scatter([r["train/kl"] for r in t], [r["train/proxy_reward"] for r in t], c=[r["step"] for r in t],
+                        cmap=cmap, vmin=-0.3 * max([r["step"] for r in t] or [1]), s=10, alpha=0.8)
+        if t:
+            axes[0].plot(*utils.reward_vs_kl_trend(t), color=cmap(0.85), lw=2, label=f"{name} (trend)")
         axes[1].errorbar([r["step"] for r in g], [r["gold/reward"] for r in g],
                          yerr=[r.get("gold/reward_sem", 0) for r in g], marker="o", capsize=3, label=name)
         axes[2].plot([r["step"] for r in g], [r["gold/response_length"] for r in g], "o-", label=name)
     axes[0].set(xlabel="KL(π || π_ref), per sequence", ylabel="proxy reward (each policy's own RM)",
-                title="Proxy reward vs KL (paper Fig. 5a-b)")
+                title="Proxy reward vs KL (paper Fig. 5a-b)\npoints: steps, darker = later; line: moving average")
+    axes[0].locator_params(axis="x", nbins=5)  # long tick labels such as -0.075 overlapped at the default count
     axes[1].set(xlabel="RLOO step", ylabel="gold reward r* (held-out prompts)", title="Gold reward (paper Fig. 5c-d)")
     axes[2].set(xlabel="RLOO step", ylabel="response length (tokens)", title="Held-out response length")
     for ax in axes:
@@ -938,8 +1081,9 @@ def _clean(obj):  # NaN -> null, so report.json is strict JSON
 
 
 def model_label(model):
-    parts = os.path.normpath(model).split(os.sep)
-    return "/".join(parts[-2:]) if parts[-1].startswith("epoch-") and len(parts) > 1 else parts[-1]
+    from utils import model_label as label
+
+    return label(model)
 
 
 def main(argv=None):
@@ -967,7 +1111,6 @@ def main(argv=None):
     for i, label in enumerate(labels):  # unique labels: they name cache files and table rows
         if labels.count(label) > 1:
             labels[i] = f"{label}#{labels[:i].count(label) + 1}"
-    labels = [label.replace(os.sep, "_") for label in labels]
     plans = [cache_plan(model, label, sets, args) for model, label in zip(args.model, labels)]
     for model, (_, cached) in zip(args.model, plans):  # fail before hours of scoring, not after
         if len(cached) < len(sets):
@@ -999,7 +1142,8 @@ def main(argv=None):
     report["groups"] = seed_groups(report["models"])
     runs = load_rloo(args.rloo)
     if runs:
-        report["rloo"] = rloo_report(runs)
+        report["rloo"] = rloo_report(runs, {label: m["model"] for label, m in report["models"].items()})
+    report["settings"] = run_settings(report)
 
     # ---------------------------------------------------------------- save
     if utils.is_rank0():

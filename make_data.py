@@ -460,14 +460,14 @@ def source_synthetic(args, skipped):
     if args.pairs_per_prompt * 2 + 2 > len(M_TRAIN):
         raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(M_TRAIN)} M_train "
                          f"models, enough for at most {(len(M_TRAIN) - 2) // 2} pairs per prompt")
-    from tqdm import tqdm
+    from utils import progress
 
     texts = make_prompts(args.num_prompts, args.seed)
     prompts = {f"syn-{i:06d}": p for i, p in enumerate(texts)}
     n_train = args.train_prompts or round(0.8 * len(prompts))
     train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
     cand_train, cand_valid, sft, train_set = {}, {}, [], set(train_ids)
-    for pid in tqdm(sorted(prompts), desc="toy responses", disable=len(prompts) < 5000):
+    for pid in progress(sorted(prompts), desc="toy responses", disable=len(prompts) < 5000):
         rng = random.Random(f"{args.seed}-{pid}")
         models = rng.sample(M_TRAIN, 2 * args.pairs_per_prompt + 2 if pid in train_set else 4)
         cand_train[pid] = [{"model": m, "response": render_response(m, prompts[pid], rng)} for m in models]
@@ -529,14 +529,14 @@ def _str_field(row, key, where):
 def source_ultrafeedback(args, skipped):
     """Appendix B: dedupe prompts, drop rows with 2+ identical responses, 51,200 train prompts (2 responses
     for train, 2 for D_ID), the rest prompt-OOD; 4 new models answer for response-/mutual-OOD; gold labels all."""
-    from tqdm import tqdm
+    from utils import progress
 
     from utils import iter_rows
 
     dataset = args.dataset or "openbmb/UltraFeedback"
     prompts, cand_train, seen = {}, {}, set()
     n_rows = 0
-    for where, row in tqdm(iter_rows(dataset, args.split), desc="read UltraFeedback", unit=" rows"):
+    for where, row in progress(iter_rows(dataset, args.split), desc="read UltraFeedback", unit=" rows"):
         n_rows += 1
         instr = _str_field(row, "instruction", where)
         comps = row.get("completions")
@@ -594,13 +594,13 @@ def _flat(msgs, role):
 def source_skywork(args, skipped):
     """Skywork-Reward-Preference-80K-v0.2 (chosen/rejected conversations) -> train.jsonl with the dataset's labels.
     With --gold-model the pairs are also scored (scores written, labels kept; agreement in the manifest)."""
-    from tqdm import tqdm
+    from utils import progress
 
     from utils import iter_rows, parse_pair
 
     dataset = args.dataset or "Skywork/Skywork-Reward-Preference-80K-v0.2"
     rows = []
-    for where, row in tqdm(iter_rows(dataset, args.split), desc="read Skywork", unit=" rows"):
+    for where, row in progress(iter_rows(dataset, args.split), desc="read Skywork", unit=" rows"):
         parsed = parse_pair(row, where)
         if parsed[0] == "skip":
             count(skipped, "train.jsonl", parsed[1])
@@ -795,7 +795,7 @@ def model_name(path):
 def generate_responses(args, prompts, skipped):
     """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
     import torch
-    from tqdm import tqdm
+    from utils import progress
 
     import utils
 
@@ -828,7 +828,7 @@ def generate_responses(args, prompts, skipped):
                                     trust_remote_code=args.trust_remote_code)
             params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
                                     max_tokens=args.max_new_tokens, seed=args.seed)
-            outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=True)
+            outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=progress)
             texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
             del llm
             gc.collect()
@@ -843,7 +843,7 @@ def generate_responses(args, prompts, skipped):
                 trust_remote_code=args.trust_remote_code).to(device).eval()
             torch.manual_seed(args.seed)
             texts = []
-            for i in tqdm(range(0, len(pids), args.gen_batch_size), desc=f"generate {model_name(name)}"):
+            for i in progress(range(0, len(pids), args.gen_batch_size), desc=f"generate {model_name(name)}"):
                 chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                          for c in conversations[i: i + args.gen_batch_size]]
                 enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
@@ -985,9 +985,9 @@ class DataError(ValueError):
 
 
 def parse_args(argv=None):
-    import utils
+    from utils import HelpFormatter
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), default="synthetic", help="where the data comes from")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed -> same files)")

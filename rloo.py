@@ -6,8 +6,8 @@ warmup 0.03, 5 epochs), Figure 5 (proxy reward vs KL, gold reward vs step), Tabl
 the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
 
     # one process, CPU or one GPU (toy world: gold reward computed by make_data.gold_reward)
-    python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm_bsr --prompts runs/toy/data/rl_prompts.jsonl \
-        --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo_bsr \
+    python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm/bsr/seed1 --prompts runs/toy/data/rl_prompts.jsonl \
+        --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo/bsr \
         --global-batch-size 16 --micro-batch-size 8 --lr 1e-4 --epochs 1 --max-new-tokens 24
     # one node, 8 GPUs, paper Sec. 3.2 (gold r* = ArmoRM; its remote code needs --trust-remote-code)
     deepspeed --num_gpus 8 rloo.py --policy runs/sft_qwen1.5b --reward-model runs/rm_bsr_qwen3b \
@@ -141,7 +141,7 @@ RESUME_MAY_CHANGE = ("gold_every", "gold_batch_size", "rm_batch_size", "vllm_gpu
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--policy", required=True, help="SFT checkpoint (hub id or path): the policy and the frozen reference")
     p.add_argument("--reward-model", required=True, help="train_rm.py output (AutoModelForSequenceClassification)")
     p.add_argument("--prompts", required=True,
@@ -353,9 +353,11 @@ def make_plots(out, rows, title):
                                  ("gold_vs_step", "step", "gold reward r* (held-out prompts)"),
                                  ("length_vs_step", "step", "response length (tokens)")):
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        if name == "reward_vs_kl":  # Figure 5a-b: the trajectory, coloured by step
-            ax.plot(col(train, "train/kl"), col(train, "train/proxy_reward"), lw=0.8, color="0.6", zorder=1)
+        if name == "reward_vs_kl":  # Figure 5a-b: points coloured by step, and the smoothed trend (no zigzag)
             sc = ax.scatter(col(train, "train/kl"), col(train, "train/proxy_reward"), c=col(train, "step"), s=14)
+            if train:
+                ax.plot(*utils.reward_vs_kl_trend(train), color="black", lw=1.5, label="trend (moving average)")
+                ax.legend(fontsize=8)
             fig.colorbar(sc, ax=ax, label="step")
         elif name == "gold_vs_step" and gold:  # Figure 5c-d
             ax.errorbar(col(gold, "step"), col(gold, "gold/reward"), yerr=col(gold, "gold/reward_sem"), marker="o",
@@ -388,7 +390,7 @@ def write_summary(out, rows, args, total_steps):
         lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
                   "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
                   "|---|---|---|---|---|"]
-        for label, r in (("SFT", first), (f"+ RLOO (RM `{os.path.basename(os.path.normpath(args.reward_model))}`, "
+        for label, r in (("SFT", first), (f"+ RLOO (RM `{utils.model_label(args.reward_model)}`, "
                                            f"step {last['step']})", last)):
             lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
                          f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | {r['gold/no_eos_fraction']:.2f} |")
@@ -413,9 +415,13 @@ def write_summary(out, rows, args, total_steps):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.quiet_libraries()  # before deepspeed and vllm are imported: they log on import
+    for flag, name in (("--policy", args.policy), ("--reward-model", args.reward_model),
+                       ("--gold-model", args.gold_model)):
+        if name:
+            utils.check_model_source(name, flag)
     import deepspeed
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-    from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -433,7 +439,6 @@ def main(argv=None):
         raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
                          "drop --resume to start a new run")
     utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
-    utils.quiet_libraries()
     rank, world, local_rank, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
     utils.remove_leftovers(args.out)
@@ -643,7 +648,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- training loop
     engine.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
@@ -738,7 +743,7 @@ def main(argv=None):
     if utils.is_rank0():
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f]
-        make_plots(args.out, rows, os.path.basename(os.path.normpath(args.reward_model)))
+        make_plots(args.out, rows, f"RM {utils.model_label(args.reward_model)}")
         write_summary(args.out, rows, args, total_steps)
         with open(os.path.join(args.out, "summary.md")) as f:
             print0("\n" + f.read())

@@ -24,7 +24,7 @@ ensure_installed() {  # a fresh machine: CPU torch first (else pip pulls CUDA wh
   if ! "$PY" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then "$PY" -m pip install -q torch; else "$PY" -m pip install -q torch==2.13.0; fi
   fi
-  "$PY" -c "import transformers, deepspeed, datasets, scipy, matplotlib, tqdm, accelerate" 2>/dev/null \
+  "$PY" -c "import transformers, deepspeed, datasets, scipy, matplotlib, tqdm, accelerate" >/dev/null 2>&1 \
     || "$PY" -m pip install -q -r requirements.txt
 }
 ensure_installed

@@ -105,7 +105,7 @@ RESUME_MAY_CHANGE = ("eval_batch_size",)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local path of the base causal LM (e.g. DATA/base)")
     p.add_argument("--train-file", required=True,
                    help="JSONL with a 'messages' list of {role, content} per row (DATA/sft.jsonl), or a hub "
@@ -213,8 +213,9 @@ def collate(convs, idx, pad_id, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    utils.quiet_libraries()  # before deepspeed is imported: it logs on import
+    utils.check_model_source(args.model, "--model")
     import deepspeed
-    from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -230,7 +231,6 @@ def main(argv=None):
     if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
         raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
                          "drop --resume to start a new run")
-    utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "sft.py", legacy=("sft_config.json", ("args", "ds_config")))
     utils.remove_leftovers(args.out)
@@ -362,7 +362,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- training loop
     engine.train()
     mb = args.micro_batch_size
-    bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc="sft", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -3,8 +3,8 @@
 Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (ICML 2025), Sec. 4.
 
     # one process, CPU or one GPU (gloo on CPU)
-    python train_rm.py --model runs/toy/base --train-file runs/toy/data/train.jsonl \
-        --eval-file runs/toy/data/valid_id.jsonl --out runs/toy/rm_bsr --loss bsr --lam 1e-3
+    python train_rm.py --model runs/toy/sft --train-file runs/toy/data/train.jsonl \
+        --eval-file runs/toy/data/valid_id.jsonl --out runs/toy/rm/bsr/seed1 --loss bsr --lam 1e-3 --seed 1
     # one node, 8 GPUs (the paper: global batch 128, lr 5e-6 for 1-1.5B, 3e-6 for 3B, 2e-6 for 7-8B)
     deepspeed --num_gpus 8 train_rm.py --model Qwen/Qwen2.5-1.5B --train-file data/train.jsonl \
         --out runs/rm_bsr --loss bsr --lam 1e-3 --lr 5e-6 --micro-batch-size 16 --gradient-checkpointing
@@ -81,7 +81,9 @@ RESUME_MAY_CHANGE = ("eval_batch_size", "norm_stats_pairs", "max_tokens_per_forw
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from utils import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local path of a causal LM / encoder checkpoint")
     p.add_argument("--train-file", required=True,
                    help="JSONL with prompt/chosen/rejected (strings or chat message lists), or a hub dataset id "
@@ -113,10 +115,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed for head init and data order")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 weights/activations (default: on with a GPU, off (fp32) on CPU)")
-    p.add_argument("--max-tokens-per-forward", type=utils.nonneg_int, default=0,
+    p.add_argument("--max-tokens-per-forward", type=utils.nonneg_int, default=None,
                    help="split a micro-batch's length-sorted sequences into forwards of at most this many "
-                        "(padded) tokens; rewards are joined before the loss, so the result is unchanged (0 = one "
-                        "forward per micro-batch)")
+                        "(padded) tokens; rewards are joined before the loss, so the result is unchanged, only less "
+                        "padding. Default: 2048 on CPU, --micro-batch-size x --max-length on GPU (see "
+                        "default_tokens_per_forward); 0 = one forward per micro-batch")
     p.add_argument("--padding-free", action="store_true",
                    help="pack each forward's sequences into one row (decoders; pays off with flash_attention_2)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
@@ -189,6 +192,18 @@ def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
     return chunks
 
 
+def default_tokens_per_forward(device_type, micro_batch_size, max_length):
+    """--max-tokens-per-forward when not given. Splitting never changes a number of the training (the rewards are
+    joined before the loss), so it is on by default; 0 turns it off.
+
+    CPU: 2048, the fastest budget measured (bench/RESULTS.md: 1.47x the pairs/s of one forward per micro-batch;
+    1024 and 4096 were slower). GPU: half of a full micro-batch (2 x micro x max-length tokens, which the user sized
+    to fit memory): only a micro-batch whose longest sequences pass half of --max-length is split, so forwards stay
+    large enough to keep the GPU busy while the short half stops padding to the long one's width.
+    """
+    return 2048 if device_type == "cpu" else micro_batch_size * max_length
+
+
 def peak_memory_gb(device):
     """Peak accelerator memory allocated by torch on this rank, or the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -217,9 +232,12 @@ def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
 
 def main(argv=None):
     args = parse_args(argv)
+    import utils
+
+    utils.quiet_libraries()  # before deepspeed is imported: it logs on import
+    utils.check_model_source(args.model, "--model")
     import deepspeed
     import scipy.stats
-    from tqdm import tqdm
     from transformers.integrations import HfDeepSpeedConfig
 
     from utils import DataError, print0
@@ -236,7 +254,6 @@ def main(argv=None):
                          "drop --resume to start a new run")
     if args.head_init == "keep":  # continuing from --model's head: it must be a trained one
         utils.check_reward_model(args.model, "--model (with --head-init keep)")
-    utils.quiet_libraries()
     rank, world, _, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "train_rm.py", legacy=("train_config.json", ("args", "ds_config")))
     utils.remove_leftovers(args.out)
@@ -247,6 +264,8 @@ def main(argv=None):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                          f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
     grad_accum = args.global_batch_size // per_step_pairs
+    if args.max_tokens_per_forward is None:  # resolved here, so train_config.json records the value used
+        args.max_tokens_per_forward = default_tokens_per_forward(device.type, args.micro_batch_size, args.max_length)
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.model)
@@ -270,7 +289,9 @@ def main(argv=None):
            f"{args.epochs} epochs; {len(pairs) % args.global_batch_size} pairs/epoch wait for the next shuffle")
     print0(f"[batch] global {args.global_batch_size} = micro {args.micro_batch_size} x world {world} x "
            f"accumulation {grad_accum}; BSR batch |B| = "
-           + (f"{args.global_batch_size} (global)" if args.bsr_scope == "global" else f"{args.micro_batch_size} per device (micro)"))
+           + (f"{args.global_batch_size} (global)" if args.bsr_scope == "global" else f"{args.micro_batch_size} per device (micro)")
+           + (f"; forwards of at most {args.max_tokens_per_forward} tokens (--max-tokens-per-forward, 0 = off)"
+              if args.max_tokens_per_forward else ""))
 
     # ---------------------------------------------------------------- model (partitioned while loading)
     from transformers import AutoConfig
@@ -375,7 +396,7 @@ def main(argv=None):
     per_rank = args.micro_batch_size
     exact_prepass = args.loss == "bsr" and args.bsr_scope == "global" and grad_accum > 1
     seq_len = [(len(c), len(r)) for c, r in pairs]
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)

@@ -8,17 +8,22 @@
 - DeepSpeed config filling, atomic writes and HF checkpoint export
 - the rules every stage follows for its --out (ownership, never around its inputs), --resume (what may change, data
   fingerprints, torn logs, leftovers of a crashed save, pickle-free RNG state) and bad numbers on the command line
+- the console: progress bars that suit a log, known-harmless library messages silenced, --help with defaults, a clear
+  error for a mistyped model path, short model labels and the Figure 5 trend
 """
 
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import signal
 import socket
+import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -42,6 +47,7 @@ def init_distributed():
     """
     import deepspeed
 
+    _deepspeed_op_builds()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -51,13 +57,79 @@ def init_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when its communicator starts (45-170 s
+        # on the first launch) that only inference tensor parallelism (inference_all_reduce) uses; every collective
+        # of training and eval goes through gloo either way. Without it DeepSpeed uses torch.distributed, as it does
+        # where the op cannot be built.
+        import importlib
+
+        # (import_module: `import deepspeed.comm.torch as m` binds the torch library, an attribute of deepspeed.comm)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device
 
 
+def torch_extensions_dir():
+    """Where DeepSpeed's JIT-compiled ops are cached: $TORCH_EXTENSIONS_DIR, else one folder per Python environment.
+
+    torch's default (~/.cache/torch_extensions/py311_cpu/) is shared by every environment with the same Python, so
+    two environments with different torch or DeepSpeed versions rebuilt each other's ops at every launch.
+    """
+    import hashlib
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    env_id = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"env-{env_id}")
+
+
+def _deepspeed_op_builds():
+    """Give DeepSpeed's op builds this environment's cache folder, and print one line before an op compiles."""
+    import glob
+
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # read by torch when an op is loaded
+    if getattr(OpBuilder.jit_load, "announces_compiles", False):
+        return
+    jit_load = OpBuilder.jit_load
+
+    def announced_jit_load(self, *args, **kwargs):
+        root = os.environ["TORCH_EXTENSIONS_DIR"]
+        if not glob.glob(os.path.join(root, "*", self.name, "*.so")):  # torch's layout: ROOT/py311_cu124/NAME/NAME.so
+            print0(f"[deepspeed] compiling its {self.name} op (once per environment, can take minutes; "
+                   f"cached in {root})")
+        return jit_load(self, *args, **kwargs)
+
+    announced_jit_load.announces_compiles = True
+    OpBuilder.jit_load = announced_jit_load
+
+
+# Library messages that are expected and ask nothing of the user: logger name -> message prefixes. Everything else
+# (real warnings included) still prints. Each appeared once per stage in every CPU run.
+HARMLESS_LOG_MESSAGES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # a CPU machine is the expected case here, not a failed detection
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefixes)
+
+
 def quiet_libraries():
-    """Keep the console to our own progress bars and messages."""
+    """Keep the console to our own progress bars and messages; call it before importing deepspeed or vllm.
+
+    Silences only the known-harmless messages of HARMLESS_LOG_MESSAGES (the filters sit on the loggers the libraries
+    create later under the same names) and two FutureWarnings of torch.distributed that DeepSpeed triggers.
+    """
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -65,9 +137,68 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*|.*all_gather_into_tensor.*")
     hf_logging.disable_progress_bar()
-    import logging
-
+    for name, prefixes in HARMLESS_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every stage: the docstring's layout kept, and each flag's default shown.
+
+    A default of None or False is not shown: None means "decided at run time" (the help text says how) and False is
+    an off switch.
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress bars: live on a terminal, a plain line every PROGRESS_LOG_INTERVAL_S seconds in a log file or pipe
+# ---------------------------------------------------------------------------------------------------
+
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
+def progress(iterable=None, interval=None, **kwargs):
+    """tqdm for every stage. On a terminal, the usual live bar. When the bar's stream (stderr) is a file or a pipe
+    (CI logs, `bash run_all.sh > log`), a tqdm redraw per step would flood it with '\r' updates, so it prints one
+    plain line instead at most every `interval` seconds (PROGRESS_LOG_INTERVAL_S), plus the final state."""
+    from tqdm import tqdm
+
+    stream = kwargs.get("file") or sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        return tqdm(iterable, **kwargs)
+    return _log_progress_class()(iterable, interval=PROGRESS_LOG_INTERVAL_S if interval is None else interval,
+                                 **kwargs)
+
+
+def _log_progress_class():
+    from tqdm import tqdm
+
+    class LogProgress(tqdm):
+        """A tqdm that writes whole lines, each at least `interval` s after the last, and the final state at close."""
+
+        def __init__(self, iterable=None, interval=PROGRESS_LOG_INTERVAL_S, **kwargs):
+            self._interval, self._last_line, self._last_n = interval, None, None
+            kwargs.update(mininterval=interval, leave=False)  # leave=False: close() asks display(msg='') once
+            super().__init__(iterable, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            now = time.monotonic()
+            closing = msg == ""
+            due = self._last_line is None or now - self._last_line >= self._interval
+            if (due or closing) and self.n != self._last_n:
+                self.fp.write(self.__str__() + "\n")
+                self.fp.flush()
+                self._last_line, self._last_n = now, self.n
+            return False  # nothing to erase: tqdm must not write its '\r'
+
+    return LogProgress
 
 
 def is_rank0():
@@ -100,6 +231,63 @@ def gather_objects(obj):
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def check_model_source(name, flag="--model"):
+    """A model flag names a local folder or a hub id; anything else stops here with one clear line (transformers
+    would give a long chained traceback ending in "Repo id must be in the form 'repo_name'")."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise SystemExit(f"{flag} {name}: the folder holds no config.json, so it is not a saved model")
+        return
+    if os.path.exists(name):
+        raise SystemExit(f"{flag} {name}: a file, not a model folder or a hub id")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        hub_id = name.count("/") <= 1 and not name.startswith(("/", "./", "../", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise SystemExit(f"{flag} {name}: no such local folder, and not a valid hub id (a hub id is 'name' or "
+                         "'org/name')")
+    parent = name.split("/")[0]
+    if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
+        raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
+                         "a hub id)")
+
+
+def model_label(path):
+    """A short name for a model folder: its last part, or its last two when the last is only a seed or an epoch
+    (runs/toy/rm/bt/seed1 -> bt/seed1, runs/rm_bsr/epoch-2 -> rm_bsr/epoch-2), so the name says which method."""
+    import re
+
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 1 and re.fullmatch(r"seed\d+|epoch-\d+", parts[-1]):
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
+def moving_average(values, window):
+    """Centred moving average over `window` consecutive values (the smoothed trend of a per-step curve); near the
+    ends, the mean of the values that exist in the window."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    half = max(0, int(window) // 2)
+    return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(len(v))])
+
+
+def reward_vs_kl_trend(rows):
+    """Figure 5a-b's trend: (kl, proxy reward) of RLOO's per-step rows, each smoothed over ~1/5 of the steps.
+
+    KL is not monotone in the step, so joining the raw points in step order zigzags across the panel; the plots draw
+    the raw points coloured by step and this smoothed path on top.
+    """
+    kl = [r["train/kl"] for r in rows]
+    window = max(3, len(kl) // 5) | 1  # odd, so centred; at least 3 steps, or a short run would not be smoothed
+    return moving_average(kl, window), moving_average([r["train/proxy_reward"] for r in rows], window)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,8 +665,7 @@ def check_reward_model(name, flag="--model"):
     train_rm with --head-init keep)."""
     from transformers import AutoConfig
 
-    if not os.path.exists(name) and (os.path.isabs(name) or name.startswith((".", "~"))):
-        raise SystemExit(f"{flag} {name}: no such folder")
+    check_model_source(name, flag)
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -541,8 +728,6 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
     padding (results come back in the input order). Every rank runs the same number of forwards, which
     ZeRO-3 needs (parameters are gathered collectively).
     """
-    from tqdm import tqdm
-
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -550,7 +735,7 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
     mine = order[rank * per_rank: (rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
     rewards, hiddens = [], []
-    bar = tqdm(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
+    bar = progress(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
     for b in bar:
         idx = mine[b * batch_size: (b + 1) * batch_size] or order[:1]  # a dummy forward keeps ranks in step
         input_ids, attention_mask = pad_batch([seqs[i] for i in idx], pad_id, device)

@@ -48,20 +48,23 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
 
     results = runs / "results"
     report = json.load(open(results / "report.json"))
-    assert sorted(report["models"]) == ["bsr_seed1", "bt_seed1"]
+    assert sorted(report["models"]) == ["bsr/seed1", "bt/seed1"]  # the labels run_all.sh gives, unchanged
     for label, m in report["models"].items():
         missing = [k for k in eval_rm.fixed_keys() if k not in m]
         assert not missing, (label, missing)
         assert 0 <= m["id/accuracy"] <= 1 and -1 <= m["mutual_ood/kendall_tau"] <= 1
     assert sorted(report["groups"]) == ["bsr", "bt"]
-    assert report["groups"]["bt"]["id/accuracy"]["mean"] == report["models"]["bt_seed1"]["id/accuracy"]
+    assert report["groups"]["bt"]["id/accuracy"]["mean"] == report["models"]["bt/seed1"]["id/accuracy"]
     for name in ("pi_bt", "pi_bsr"):
         block = report["rloo"][name]
         assert block["sft"]["gold_reward"] == report["rloo"]["pi_bt"]["sft"]["gold_reward"]  # one SFT start
         assert block["final"]["step"] == block["steps"] and block["final"]["length_tokens"] > 0
     md = (results / "report.md").read_text()
-    for heading in ("## Robustness", "## Hidden states", "## Mean ± std over seeds", "## RLHF with each reward model"):
+    for heading in ("## Robustness", "## Hidden states", "## Mean ± std over seeds", "## RLHF with each reward model",
+                    "## Settings", "## Each method against BT"):
         assert heading in md
+    assert "| bsr/seed1 | bsr | 0.001 | 0.001 |" in md  # loss, λ, lr from the run's train_config.json
+    assert "pi_bsr (RM bsr/seed1," in md and "bt_seed1" not in md
     for fig in ("fig1_wp_norm.png", "fig2_hidden_diff_per_epoch.png", "fig3_hidden_norms.png", "fig5_rloo.png"):
         assert os.path.getsize(results / fig) > 10000, fig
     assert f"Report: {results}/report.md" in done.stdout
@@ -117,3 +120,31 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
             assert len(outs) == 7 and len(set(outs)) == 7  # bt + 3 lambdas each of bsr and center, one folder each
             report = [a for s, a in commands if s == "eval_rm"][-1]
             assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
+
+
+def test_every_toy_path_in_docstrings_and_readme_is_one_the_toy_run_creates(tmp_path):
+    """`runs/toy/...` in an example must be a path of the toy run (RUNS=runs/toy), so examples work after it."""
+    import glob
+    import re
+    import shlex
+
+    proc = run_all("runs/toy", {"DRY_RUN": "1", "PRESET": "toy"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    created = {"runs/toy"}
+    for line in proc.stdout.splitlines():
+        if "(dry run)" in line:
+            for word in shlex.split(line.split(": ", 1)[1]):
+                for part in word.split("="):  # --rloo pi_bt=runs/toy/rloo/bt
+                    if part.startswith("runs/toy/"):
+                        created.add(part.rstrip("/"))
+    assert {"runs/toy/data/base", "runs/toy/sft", "runs/toy/rm/bsr/seed1", "runs/toy/rloo/bsr"} <= created
+    files = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "bench", "*.py")) + [
+        os.path.join(REPO, "README.md")]
+    bad = []
+    for path in files:
+        text = open(path).read()
+        for m in re.finditer(r"runs/toy(/[\w.\-/]*)?", text):
+            found = m.group(0).rstrip("/.")
+            if found not in created:
+                bad.append(f"{os.path.basename(path)}: {found}")
+    assert not bad, bad

@@ -87,6 +87,26 @@ def test_chunked_padding_free_forwards_change_nothing_on_two_processes(bsr_run, 
     assert all(r["train/padding_fraction"] == 0 for r in read_metrics(out) if "train/loss" in r)  # packed
 
 
+def test_token_budget_is_on_by_default_and_changes_no_number(bsr_run, tiny_llama, data, tmp_path):
+    """Default flags split by a token budget (2048 on CPU); a budget small enough to split every micro-batch into
+    several padded forwards trains to the same losses and weights as one forward per micro-batch."""
+    from train_rm import default_tokens_per_forward
+
+    assert default_tokens_per_forward("cpu", 8, 2048) == 2048
+    assert default_tokens_per_forward("cuda", 16, 2048) == 16 * 2048
+    assert json.load(open(bsr_run / "train_config.json"))["args"]["max_tokens_per_forward"] == 2048
+    off, chunked = tmp_path / "off", tmp_path / "chunked"
+    train(off, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", "--max-tokens-per-forward", "0")
+    train(chunked, tiny_llama, data, "--loss", "bsr", "--lam", "0.5", "--max-tokens-per-forward", "60")
+    assert json.load(open(off / "train_config.json"))["args"]["max_tokens_per_forward"] == 0
+    assert train_losses(chunked) == pytest.approx(train_losses(off), rel=1e-5, abs=1e-6)
+    assert_same_weights(chunked, off, atol=2e-5)
+    assert_same_weights(bsr_run, off, atol=2e-5)
+    padding = {out: [r["train/padding_fraction"] for r in read_metrics(out) if "train/loss" in r]
+               for out in (off, chunked)}
+    assert sum(padding[chunked]) < sum(padding[off])  # it really split: less padding
+
+
 def test_forward_chunk_planning():
     assert forward_chunks([10, 12, 10, 11], 0, False) == [[1, 3, 0, 2]]  # one forward, longest first
     assert forward_chunks([10, 12, 10, 11], 24, False) == [[1, 3], [0, 2]]  # padded width x count <= 24
