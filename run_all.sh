@@ -51,6 +51,7 @@ RUNS=${RUNS:-runs/$PRESET}
 FORCE=${FORCE:-0}
 DRY_RUN=${DRY_RUN:-0}
 EVAL_ARGS=()  # eval_rm.py flags of a preset (none unless it sets them)
+RM_EVAL_ARGS=(--eval-file "$RUNS/data/valid_id.jsonl")  # train_rm.py's per-epoch eval pairs
 case "$PRESET" in
   toy|smoke)
     export HF_HUB_OFFLINE=1
@@ -71,18 +72,20 @@ case "$PRESET" in
     SFT_BASE=$RUNS/data/base; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
     SFT_DATA=(); RM_BENCH_ARGS=() ;;
   smol)  # the toy world's data and code gold, but SFT / RMs / RLOO on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF);
-    # sizes measured on a 2-core CPU (README "The smol preset"): fewer prompts, short sequences, one epoch each
+    # sized from measured per-unit costs (bench/smol_stage_costs.py) to about 90 minutes on 2 idle cores: 300 prompts,
+    # <= 256 tokens, one epoch each; train_rm.py gets no --eval-file (eval_rm.py scores valid_id once, at the end)
     export HF_HUB_OFFLINE=1
     SMOL_MODEL=${SMOL_MODEL:-$RUNS/smollm2}
-    DATA_ARGS=(--source synthetic --num-prompts 600 --rl-eval-prompts 32)
-    SFT_ARGS=(--lr 2e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-length 256 --max-train-rows 256
+    DATA_ARGS=(--source synthetic --num-prompts 300 --rl-eval-prompts 16)
+    SFT_ARGS=(--lr 2e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-length 256 --max-train-rows 192
               --save-steps 0)
-    RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256 --max-train-pairs 256
-             --max-tokens-per-forward 2048 --norm-stats-pairs 128 --eval-batch-size 32 --save-steps 0)
-    RLOO_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-new-tokens 64 --gold synthetic
-               --gold-every 4 --max-prompts 64 --gold-max-prompts 32 --rm-max-length 256 --rm-batch-size 32)
+    RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256
+             --max-tokens-per-forward 1024 --norm-stats-pairs 64 --eval-batch-size 32 --save-steps 0)
+    RM_EVAL_ARGS=()
+    RLOO_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-new-tokens 64 --gold synthetic
+               --gold-every 2 --max-prompts 40 --rm-max-length 256 --rm-batch-size 32)
     if [[ "${VLLM:-0}" == 1 ]]; then RLOO_ARGS+=(--vllm); fi
-    EVAL_ARGS=(--max-length 256 --train-pairs 256 --batch-size 32)
+    EVAL_ARGS=(--max-length 256 --train-pairs 128 --batch-size 32)
     SFT_BASE=$SMOL_MODEL; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
     SFT_DATA=(); RM_BENCH_ARGS=()
     RM_BENCH_SAMPLE=${RM_BENCH_SAMPLE:-../shared/data/rm_bench/sample.json}
@@ -167,7 +170,7 @@ for seed in $SEEDS; do
       name=$loss; (( lam_in_name )) && name="${loss}_lam$lam"
       out=$RUNS/rm/$name/seed$seed
       stage "rm $name seed $seed" "$out/config.json" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
-        --train-file "$RUNS/data/train.jsonl" --eval-file "$RUNS/data/valid_id.jsonl" --out "$out" \
+        --train-file "$RUNS/data/train.jsonl" "${RM_EVAL_ARGS[@]}" --out "$out" \
         --loss "$loss" --lam "$lam" --seed "$seed" "${RM_ARGS[@]}"
       EVAL_MODELS+=(--model "$out" --name "$name/seed$seed")
     done
