@@ -72,6 +72,11 @@ def test_converted_folder_is_a_plain_chat_checkpoint_and_conversion_is_cached(sm
     assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # default system
     assert prompt.endswith("<|im_start|>assistant\n")
     assert utils.turn_end_ids(tok) == [tok.eos_token_id]
+    import sft  # SFT trains the assistant content and the turn end that follows it, nothing of the other turns
+
+    ids, mask = sft.tokenize_conversation(tok, [{"role": "user", "content": "Multiply 10 by 14."},
+                                                {"role": "assistant", "content": "140"}])
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "140<|im_end|>\n"
     # the reward model's input keeps the turn end: pad == eos, yet only trailing pads are dropped and the template
     # ends a turn with "<|im_end|>\n", so the head reads the "\n" after <|im_end|>
     ids = utils.encode_prompt_response(tok, "Spell 'kola' backwards.", "alok")
@@ -120,7 +125,7 @@ def test_train_rm_on_real_lm_rewards_equal_a_plain_hf_reload_at_batch_1(smol_rm,
             for response, trainer_reward in ((row["chosen"], rc), (row["rejected"], rr)):
                 ids = utils.encode_prompt_response(tok, row["prompt"], response)
                 hf_reward = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
-                assert abs(hf_reward - trainer_reward) < 1e-4, (hf_reward, trainer_reward)
+                assert abs(hf_reward - trainer_reward) < 2e-5, (hf_reward, trainer_reward)
 
 
 def test_rloo_on_real_lm_a_few_steps(smol_model, smol_rm, toy_data, tmp_path):
