@@ -150,6 +150,7 @@ def spearman(x, y):
 
 
 def parse_args(argv=None):
+    import utils
     from utils import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

@@ -985,6 +985,7 @@ class DataError(ValueError):
 
 
 def parse_args(argv=None):
+    import utils
     from utils import HelpFormatter
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
