@@ -172,7 +172,7 @@ def main():
                          "stopped_share_mean": sum(x[3] for x in res) / n})
             print(json.dumps(rows[-1]), flush=True)
         runners.clear()  # an engine must be gone before the next one starts (vLLM keeps process-wide groups)
-        model = llm = None
+        model = llm = run = None
         gc.collect()
     load = os.getloadavg()
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
