@@ -16,6 +16,7 @@ Prompts: AlpacaEval instructions from ../shared/data/alpaca_eval when present, e
 """
 
 import argparse
+import gc
 import glob
 import json
 import os
@@ -170,6 +171,9 @@ def main():
                          "tokens_mean": sum(x[1] for x in res) / n, "seconds_mean": sum(x[2] for x in res) / n,
                          "stopped_share_mean": sum(x[3] for x in res) / n})
             print(json.dumps(rows[-1]), flush=True)
+        runners.clear()  # an engine must be gone before the next one starts (vLLM keeps process-wide groups)
+        model = llm = run = None
+        gc.collect()
     load = os.getloadavg()
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; "
           f"prompts: {prompt_source}, {args.prompts} x k {args.k}, max new tokens {args.max_new_tokens}, "
