@@ -12,7 +12,7 @@ rank, eq. 32), Table 2 (RM-Bench), Table 5 (accuracy / Kendall's tau).
     # add RM-Bench (native JSON list, JSONL, or a hub id); a third-party RM needs no --data-dir
     python eval_rm.py --model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --rm-bench THU-KEG/RM-Bench --out eval_sky
     # RM-Bench's own data folder (chat_filtered.json, ...), and plain preference test sets (any train_rm.py format)
-    python eval_rm.py --model runs/toy/rm_bsr --rm-bench RM-Bench/data --pairs hh=hh_test.jsonl --out runs/toy/eval2
+    python eval_rm.py --model runs/toy/rm/bsr/seed1 --rm-bench RM-Bench/data --pairs hh=hh_test.jsonl --out eval_hh
     # several GPUs: sequences are sharded over ranks (each rank holds a full copy of the model)
     deepspeed --num_gpus 8 eval_rm.py --model runs/rm_bt --model runs/rm_bsr --data-dir data --out runs/eval
     torchrun --nproc_per_node 8 eval_rm.py ...same flags...
