@@ -1102,6 +1102,9 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True):
     when its .written_by names the stage, or (runs of older versions) when it holds the stage's own config file
     legacy = (file name, keys that file must have). Read-only on every rank, so call it before writing anything.
     """
+    if create and not is_rank0():  # rank 0 checks and creates; another rank checking now could see rank 0's
+        _barrier()                # half-made folder (its .written_by temp file) and refuse it. Every rank ran the
+        return                    # read-only check (create=False) before the process group existed.
     real = os.path.realpath(out)
     for flag, path in inputs:
         if not path or not os.path.exists(path):
@@ -1120,10 +1123,16 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True):
             by = f"written by {owner}" if owner else f"not written by {stage}"
             raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
                              "one it wrote itself: choose another --out")
-    if create and is_rank0():
+    if create:
         os.makedirs(out, exist_ok=True)
         if folder_owner(out) != stage:
             write_owner(out, stage)
+        _barrier()
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _legacy_owned(out, name, keys):
