@@ -121,7 +121,20 @@ def main():
     texts, prompt_source = load_prompts(args.prompts, args.seed)
     engines = args.engines.split(",")
     rows = []
-    for name in args.models.split(","):
+    models = args.models.split(",")
+    if len(models) > 1 and "vllm" in engines:  # vLLM keeps process-wide state: one model per process
+        import subprocess
+        import tempfile
+
+        for name in models:
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                argv = [a for a in sys.argv[1:]]
+                argv += ["--models", name, "--out", tmp.name]  # argparse keeps the last value of a repeated flag
+                subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, check=True)
+                with open(tmp.name) as f:
+                    rows += json.load(f)["rows"]
+        models = []
+    for name in models:
         path = {"tiny": tiny_model, "smollm2": smollm2_model}[name](os.path.join(args.work_dir, name))
         tok = utils.load_tokenizer(path)
         stop_ids = set(utils.turn_end_ids(tok)) | {tok.eos_token_id}
