@@ -431,13 +431,8 @@ def main(argv=None):
     utils.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
                                               ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
                                               ("--gold-model", args.gold_model)],
-                        legacy=("rloo_config.json", ("args", "ds_config")), create=False)
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
-    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
-        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
-                         "drop --resume to start a new run")
+                        legacy=("rloo_config.json", ("args", "ds_config")), create=False,
+                        resume=bool(args.resume))
     utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
     rank, world, local_rank, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))

@@ -224,13 +224,8 @@ def main(argv=None):
     resume_dir = os.path.join(args.out, "resume")
     utils.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
                                              ("--eval-file", args.eval_file)],
-                        legacy=("sft_config.json", ("args", "ds_config")), create=False)
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
-    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
-        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
-                         "drop --resume to start a new run")
+                        legacy=("sft_config.json", ("args", "ds_config")), create=False,
+                        resume=bool(args.resume))
     rank, world, _, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "sft.py", legacy=("sft_config.json", ("args", "ds_config")))
     utils.remove_leftovers(args.out)

@@ -245,13 +245,8 @@ def main(argv=None):
     resume_dir = os.path.join(args.out, "resume")
     utils.claim_out_dir(args.out, "train_rm.py", [("--model", args.model), ("--train-file", args.train_file),
                                                   ("--eval-file", args.eval_file)],
-                        legacy=("train_config.json", ("args", "ds_config")), create=False)
-    if os.path.exists(os.path.join(resume_dir, "latest")) and not args.resume:
-        raise SystemExit(f"{args.out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
-    if args.resume and not os.path.exists(os.path.join(resume_dir, "latest")):
-        raise SystemExit(f"--resume: {resume_dir}/latest does not exist, so there is nothing to continue; "
-                         "drop --resume to start a new run")
+                        legacy=("train_config.json", ("args", "ds_config")), create=False,
+                        resume=bool(args.resume))
     if args.head_init == "keep":  # continuing from --model's head: it must be a trained one
         utils.check_reward_model(args.model, "--model (with --head-init keep)")
     rank, world, _, device = utils.init_distributed()

@@ -1094,8 +1094,11 @@ def write_owner(out, stage):
     write_json(os.path.join(out, OWNER_FILE), {"stage": stage})
 
 
-def claim_out_dir(out, stage, inputs=(), legacy=None, create=True):
+def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
     """Refuse an --out this stage may not write; otherwise (create=True, rank 0) create it and mark it as ours.
+
+    resume (a training stage's --resume, True/False): also refuse a run in --out without --resume, and --resume
+    with no saved state in --out.
 
     Refused: --out equal to, inside or containing an input (inputs: (flag, path) pairs; hub ids and None are
     ignored); --out naming a file; an existing non-empty folder that is not this stage's. A folder is this stage's
@@ -1123,6 +1126,13 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True):
             by = f"written by {owner}" if owner else f"not written by {stage}"
             raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
                              "one it wrote itself: choose another --out")
+    latest = os.path.join(out, "resume", "latest")
+    if resume is False and os.path.exists(latest):
+        raise SystemExit(f"{out} already holds a run (resume/latest); pass --resume to continue it "
+                         "or choose another --out")
+    if resume and not os.path.exists(latest):
+        raise SystemExit(f"--resume: {latest} does not exist, so there is nothing to continue; "
+                         "drop --resume to start a new run")
     if create:
         os.makedirs(out, exist_ok=True)
         if folder_owner(out) != stage:
