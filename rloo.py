@@ -5,7 +5,7 @@ Table 4 (lr 2e-6 for Sec. 3.2 / 1e-6 for Sec. 3.3, beta 0.05, k = 2, global batc
 warmup 0.03, 5 epochs), Figure 5 (proxy reward vs KL, gold reward vs step), Table 3 (length and quality of
 the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
 
-    # one process, CPU or one GPU (toy world: gold reward computed by make_data.gold_reward)
+    # one process, CPU or one GPU (toy world: gold reward computed by toy_world.gold_reward)
     python rloo.py --policy runs/toy/sft --reward-model runs/toy/rm/bsr/seed1 --prompts runs/toy/data/rl_prompts.jsonl \
         --gold synthetic --gold-prompts runs/toy/data/rl_eval_prompts.jsonl --out runs/toy/rloo/bsr \
         --global-batch-size 16 --micro-batch-size 8 --lr 1e-4 --epochs 1 --max-new-tokens 24
@@ -60,7 +60,7 @@ The engine only samples: the KL and the policy-gradient loss always use log-prob
 with its own forward (response_logprobs), never vLLM's, so a small numerical difference between the two
 engines changes which tokens are sampled, not the objective's gradient estimate.
 
-Gold r*: --gold synthetic (make_data.gold_reward(prompt, response), the toy world's r*) or --gold-model
+Gold r*: --gold synthetic (toy_world.gold_reward(prompt, response), the toy world's r*) or --gold-model
 PATH (any AutoModelForSequenceClassification; its output .score when present (ArmoRM), else logits[:, 0];
 scored with its own tokenizer/template). At step 0 (the SFT policy), every --gold-every steps and at the
 end, one sample per --gold-prompts prompt (held out, same sampling settings, fixed seed) is scored.
@@ -78,7 +78,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -178,7 +177,7 @@ def parse_args(argv=None):
     p.add_argument("--rm-max-length", type=utils.positive_int, default=None,
                    help="RM input tokens; longer inputs keep their end (utils.encode_prompt_response truncate)")
     p.add_argument("--gold", choices=("synthetic",), default=None,
-                   help="synthetic: r* = make_data.gold_reward(prompt, response) (the toy world)")
+                   help="synthetic: r* = toy_world.gold_reward(prompt, response) (the toy world)")
     p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the gold model's own code (ArmoRM)")
     p.add_argument("--gold-prompts", default=None, help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
@@ -422,7 +421,7 @@ def main(argv=None):
             utils.check_model_source(name, flag)
     import deepspeed
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.integrations import HfDeepSpeedConfig
 
     from utils import DataError, print0
@@ -449,16 +448,11 @@ def main(argv=None):
     prompts_per_step, prompts_per_rank = args.global_batch_size // k, args.global_batch_size // k // world
     gold_reward = None
     if args.gold == "synthetic":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        try:
-            from make_data import gold_reward
-        except ImportError as e:
-            raise SystemExit(f"--gold synthetic needs make_data.gold_reward next to rloo.py ({e})") from None
+        from toy_world import gold_reward
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.policy)
     rm_tokenizer = utils.load_tokenizer(args.reward_model)
-    gold_tokenizer = utils.load_tokenizer(args.gold_model) if args.gold_model else None
     try:
         prompts, skipped = load_prompts(args.prompts, args.prompts_split, tokenizer, args.max_prompt_length,
                                         args.max_prompts)
@@ -524,10 +518,7 @@ def main(argv=None):
                                                           args.attn_implementation)))
     gold_model = None
     if args.gold_model:
-        gold_hf = AutoModelForSequenceClassification.from_pretrained(args.gold_model, dtype=dtype,
-                                                                     trust_remote_code=args.trust_remote_code)
-        if gold_hf.config.pad_token_id is None:  # batched scoring needs it (load_tokenizer guarantees a pad token)
-            gold_hf.config.pad_token_id = gold_tokenizer.pad_token_id
+        gold_hf, gold_tokenizer = utils.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
         gold_model = frozen(gold_hf)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -572,9 +563,8 @@ def main(argv=None):
         return rm(input_ids, attention_mask)
 
     def gold_fn(input_ids, attention_mask):
-        out = gold_model(input_ids=input_ids, attention_mask=attention_mask)
-        score = out.score if getattr(out, "score", None) is not None else out.logits[:, 0]
-        return score.reshape(-1).float(), torch.zeros(len(input_ids), 1, device=input_ids.device)
+        score = utils.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+        return score, torch.zeros(len(input_ids), 1, device=input_ids.device)
 
     # ---------------------------------------------------------------- resume / fresh start
     metrics_path = os.path.join(args.out, "metrics.jsonl")

@@ -1337,3 +1337,40 @@ def vllm_engine(model, *, max_model_len, dtype, seed, colocated, needed=None, te
     else:
         kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2 ** 30)
     return LLM(**kw, **engine_kwargs)
+
+
+# --- gold reward model r* (make_data.py labelling, rloo.py tracking) ---
+
+
+def load_gold_model(name, trust_remote_code, dtype):
+    """The gold reward model (e.g. ArmoRM) and its tokenizer, loaded with three safeguards: ArmoRM's remote code
+    gets the docstring constant transformers 5 dropped; a model that ships its own head code is refused without
+    --trust-remote-code (its weights would load into a wrong head); gold_rewards checks the head's output."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if trust_remote_code:  # ArmoRM's code imports a docstring constant that transformers 5 no longer has
+        from transformers.models.llama import modeling_llama
+
+        if not hasattr(modeling_llama, "LLAMA_INPUTS_DOCSTRING"):
+            modeling_llama.LLAMA_INPUTS_DOCSTRING = ""
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}) and not trust_remote_code:
+        raise SystemExit(f"--gold-model {name} ships its own model code (e.g. ArmoRM's gating head); without it the "
+                         "weights would load into a wrong head. Pass --trust-remote-code if you trust that code.")
+    tokenizer = load_tokenizer(name)
+    model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
+    if model.config.pad_token_id is None:  # batched scoring needs it (load_tokenizer guarantees a pad token)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def gold_rewards(output, n):
+    """The n scalar rewards of a gold model's output: ArmoRM-style `.score`, else a 1-logit head (else refused)."""
+    score = getattr(output, "score", None)
+    if isinstance(score, torch.Tensor):
+        return score.reshape(n, -1)[:, 0].float()
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    if logits.shape[-1] != 1:
+        raise SystemExit(f"--gold-model returns {logits.shape[-1]} logits and no `.score`; it must be a 1-label reward "
+                         "model (or ArmoRM-style with a preference `score`)")
+    return logits[:, 0].float()

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, make_tiny_lm, make_tokenizer, run_script
 
 import make_data as md
+import utils
 
 CONTRACT_PAIR = {"prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_model",
                  "rejected_model"}
@@ -141,7 +142,7 @@ def test_gold_reward_by_hand(prompt, response, expected):
 
 
 def test_gold_reward_imports_only_stdlib():
-    code = "import sys, make_data; make_data.gold_reward('What is 1 + 2?', '3'); print('torch' in sys.modules)"
+    code = "import sys, toy_world; toy_world.gold_reward('What is 1 + 2?', '3'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -539,7 +540,7 @@ def test_reward_from_armorm_style_output():
 
     score = torch.tensor([0.5, -1.0])
     out = Out(score=score, rewards=torch.randn(2, 19))  # ArmoRM: 19 objective rewards + the gated preference score
-    assert torch.equal(md._reward_from_output(out, 2), score)
-    assert torch.equal(md._reward_from_output(Out(logits=torch.tensor([[1.0], [2.0]])), 2), torch.tensor([1.0, 2.0]))
+    assert torch.equal(utils.gold_rewards(out, 2), score)
+    assert torch.equal(utils.gold_rewards(Out(logits=torch.tensor([[1.0], [2.0]])), 2), torch.tensor([1.0, 2.0]))
     with pytest.raises(SystemExit, match="3 logits"):
-        md._reward_from_output(Out(logits=torch.zeros(2, 3)), 2)
+        utils.gold_rewards(Out(logits=torch.zeros(2, 3)), 2)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, make_tiny_lm, random_text, read_metrics, run_script
+from conftest import make_tiny_lm, random_text, read_metrics, run_script
 
 import rloo
 import utils
@@ -285,10 +285,8 @@ def test_two_process_run_under_the_deepspeed_launcher(world):
     assert cfg["world_size"] == 2 and cfg["grad_accum"] == 2
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "make_data.py")),
-                    reason="make_data.py (gold_reward, the synthetic r*) is not in this checkout yet")
-def test_gold_synthetic_uses_make_data_gold_reward(world):
-    from make_data import gold_reward
+def test_gold_synthetic_uses_toy_world_gold_reward(world):
+    from toy_world import gold_reward
 
     d, args, _ = world
     out = str(d / "synthetic")
