@@ -22,6 +22,7 @@ The folder is written atomically: a crash leaves the previous folder (or none), 
 import argparse
 import gc
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -29,676 +30,27 @@ import random
 import re
 import shutil
 
-from toy_world import FAMILIES, M_TRAIN, M_VALID, STYLES, gold_details, gold_reward, make_prompts, render_response
-
-# ===================================================================================================
-# Shared construction: prompt split, pairs (D_train, D_ID), ranking rows (the three OOD sets), checks
-# ===================================================================================================
-
-
-def prompt_id(source, prompt):
-    return f"{source}-{hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]}"
-
-
-def count(skipped, file, reason, n=1):
-    skipped.setdefault(file, {})
-    skipped[file][reason] = skipped[file].get(reason, 0) + n
-
-
-def responses_of(row):
-    return [row["chosen"], row["rejected"]] if "chosen" in row else row.get("responses", [])
-
-
-def models_of(row):
-    return [row["chosen_model"], row["rejected_model"]] if "chosen" in row else row.get("models", [])
-
-
-def train_pairs(files):
-    return {(json.dumps(r["prompt"]), json.dumps(y)) for r in files.get("train.jsonl", []) for y in responses_of(r)}
-
-
-def pair_up(cands, n_pairs, rng):
-    """Random disjoint pairs of candidates {model, response, score} whose gold scores differ.
-
-    The paper draws two random responses of four for train and keeps the other two for D_ID; a pair
-    whose gold scores tie carries no label, so a response is paired with the next one that does not tie
-    (trying a few random orders when ties leave too few pairs).
-    """
-    best = []
-    for _ in range(10):  # a few random orders: keep the first that yields n_pairs untied pairs
-        pool, pairs = list(cands), []
-        rng.shuffle(pool)
-        while pool and len(pairs) < n_pairs:
-            a = pool.pop(0)
-            j = next((i for i, b in enumerate(pool) if b["score"] != a["score"]), None)
-            if j is not None:
-                pairs.append((a, pool.pop(j)))
-        if len(pairs) > len(best):
-            best = pairs
-        if len(best) == n_pairs:
-            break
-    return best
-
-
-def pair_row(pid, prompt, a, b):
-    c, r = (a, b) if a["score"] > b["score"] else (b, a)
-    return {"prompt_id": pid, "prompt": prompt, "chosen": c["response"], "rejected": r["response"],
-            "chosen_score": c["score"], "rejected_score": r["score"], "chosen_model": c["model"],
-            "rejected_model": r["model"]}
-
-
-def ranking_row(pid, prompt, cands, rng, file, skipped):
-    if len(cands) < 4:
-        return count(skipped, file, "fewer than 4 responses")
-    pick = rng.sample(list(cands), 4)
-    if len({c["score"] for c in pick}) == 1:
-        return count(skipped, file, "all 4 gold scores tied")
-    return {"prompt_id": pid, "prompt": prompt, "responses": [c["response"] for c in pick],
-            "gold_scores": [c["score"] for c in pick], "models": [c["model"] for c in pick]}
-
-
-def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, seed, pairs_per_prompt, skipped):
-    """The four scenarios from scored candidates. prompts: pid -> prompt; cand_*: pid -> [{model, response, score}]
-    from M_train / M_valid. Returns {file name: rows}."""
-    files = {k: [] for k in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl",
-                             "valid_response_ood.jsonl", "valid_mutual_ood.jsonl")}
-    for pid in prompts:  # identical texts from two models: keep the first (M_train before M_valid), count the rest
-        seen = set()
-        for cands, name in ((cand_train, "M_train"), (cand_valid, "M_valid")):
-            if pid in cands:
-                kept = [c for c in cands[pid] if c["response"] not in seen and not seen.add(c["response"])]
-                if len(kept) < len(cands[pid]):
-                    count(skipped, "source", f"{name} response identical to another model's",
-                          len(cands[pid]) - len(kept))
-                cands[pid] = kept
-    rng = random.Random(f"{seed}-scenarios")
-    for pid in train_ids:
-        cands = cand_train.get(pid, [])
-        pairs = pair_up(cands, pairs_per_prompt + 1, rng)
-        for a, b in pairs[:pairs_per_prompt]:
-            files["train.jsonl"].append(pair_row(pid, prompts[pid], a, b))
-        if len(pairs) <= pairs_per_prompt:
-            count(skipped, "valid_id.jsonl", "gold ties or too few responses")
-            if len(pairs) < pairs_per_prompt:
-                count(skipped, "train.jsonl", "gold ties or too few responses", pairs_per_prompt - len(pairs))
-        else:
-            files["valid_id.jsonl"].append(pair_row(pid, prompts[pid], *pairs[-1]))
-    for name, ids, cands in (("valid_prompt_ood.jsonl", valid_ids, cand_train),
-                             ("valid_response_ood.jsonl", train_ids, cand_valid),
-                             ("valid_mutual_ood.jsonl", valid_ids, cand_valid)):
-        for pid in ids:
-            if pid in cands:
-                row = ranking_row(pid, prompts[pid], cands[pid], rng, name, skipped)
-                if row:
-                    files[name].append(row)
-    return files
-
-
-def drop_train_overlap(files, skipped):
-    """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
-    seen = train_pairs(files)
-    for name in [n for n in files if n.startswith("valid_")]:
-        keep = [r for r in files[name]
-                if not any((json.dumps(r["prompt"]), json.dumps(y)) in seen for y in responses_of(r))]
-        if len(keep) < len(files[name]):
-            count(skipped, name, "a response also in train.jsonl for the same prompt", len(files[name]) - len(keep))
-        files[name] = keep
-
-
-def split_checks(files, m_train, m_valid):
-    """The manifest's checks, computed from the rows that are written."""
-    def prompts(name):
-        return {json.dumps(r["prompt"]) for r in files.get(name, [])}
-
-    def models(name):
-        return {m for r in files.get(name, []) for m in models_of(r)}
-
-    train_p = prompts("train.jsonl") | prompts("valid_id.jsonl")
-    unseen = prompts("valid_prompt_ood.jsonl") | prompts("valid_mutual_ood.jsonl")
-    rl = prompts("rl_prompts.jsonl")
-    seen = train_pairs(files)
-    overlap = sum((json.dumps(r["prompt"]), json.dumps(y)) in seen for name in files if name.startswith("valid_")
-                  for r in files[name] for y in responses_of(r))
-    seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
-    new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
-    return {
-        "train_and_prompt_ood_prompts_disjoint": not (train_p & unseen),
-        "train_and_rl_prompts_disjoint": not (train_p & (rl | prompts("rl_eval_prompts.jsonl"))),
-        "rl_prompts_and_rl_eval_prompts_disjoint": not (rl & prompts("rl_eval_prompts.jsonl")),
-        "m_train_and_m_valid_disjoint": not (set(m_train) & set(m_valid)),
-        "seen_files_use_only_m_train": seen_m <= set(m_train) if m_train else True,
-        "ood_response_files_use_only_m_valid": new_m <= set(m_valid) if m_valid else True,
-        "no_validation_pair_in_train": overlap == 0,
-    }
-
-
-def split_prompts(pids, n_train, seed):
-    if not 0 < n_train < len(pids):
-        raise SystemExit(f"--train-prompts {n_train}: need 0 < X_train < {len(pids)} prompts (the rest is X_valid)")
-    order = sorted(pids)
-    random.Random(f"{seed}-split").shuffle(order)
-    return order[:n_train], order[n_train:]
-
-
-def rl_prompt_files(prompts, valid_ids, n_eval, seed):
-    """RLOO prompts from X_valid (as in the paper) and a disjoint held-out subset for gold-reward tracking."""
-    ids = list(valid_ids)
-    random.Random(f"{seed}-rl").shuffle(ids)
-    n_eval = min(n_eval, len(ids) // 2)
-    rows = [{"prompt_id": pid, "prompt": prompts[pid]} for pid in ids]
-    return {"rl_prompts.jsonl": sorted(rows[n_eval:], key=lambda r: r["prompt_id"]),
-            "rl_eval_prompts.jsonl": sorted(rows[:n_eval], key=lambda r: r["prompt_id"])}
-
-
-# ===================================================================================================
-# Sources
-# ===================================================================================================
-
-
-def source_synthetic(args, skipped):
-    if args.pairs_per_prompt * 2 + 2 > len(M_TRAIN):
-        raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(M_TRAIN)} M_train "
-                         f"models, enough for at most {(len(M_TRAIN) - 2) // 2} pairs per prompt")
-    from utils import progress
-
-    texts = make_prompts(args.num_prompts, args.seed)
-    prompts = {f"syn-{i:06d}": p for i, p in enumerate(texts)}
-    n_train = args.train_prompts or round(0.8 * len(prompts))
-    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
-    cand_train, cand_valid, sft, train_set = {}, {}, [], set(train_ids)
-    for pid in progress(sorted(prompts), desc="toy responses", disable=len(prompts) < 5000):
-        rng = random.Random(f"{args.seed}-{pid}")
-        models = rng.sample(M_TRAIN, 2 * args.pairs_per_prompt + 2 if pid in train_set else 4)
-        cand_train[pid] = [{"model": m, "response": render_response(m, prompts[pid], rng)} for m in models]
-        cand_valid[pid] = [{"model": m, "response": render_response(m, prompts[pid], rng)} for m in M_VALID]
-        if pid in train_set:  # SFT: a correct answer in a random M_train style, prompts of X_train only
-            sft.append({"messages": [{"role": "user", "content": prompts[pid]},
-                                     {"role": "assistant", "content": render_response(rng.choice(M_TRAIN), prompts[pid],
-                                                                                      rng, correct=True)}]})
-    for cands in (cand_train, cand_valid):
-        for pid, cs in cands.items():
-            for c in cs:
-                c["score"] = gold_reward(prompts[pid], c["response"])
-    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
-                            skipped)
-    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
-    files["sft.jsonl"] = sft
-    world = {"families": sorted(FAMILIES), "spurious": spurious_stats(files)}
-    return files, M_TRAIN, M_VALID, {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, world
-
-
-def spurious_stats(files):
-    """Per response model and per model set: accuracy, words, r*; corr(words, r*) within M_train / M_valid."""
-    per_model, sets = {}, {"m_train": [], "m_valid": []}
-    for name in ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl", "valid_response_ood.jsonl",
-                 "valid_mutual_ood.jsonl"):
-        for r in files[name]:
-            for resp, m in zip(responses_of(r), models_of(r)):
-                d = gold_details(r["prompt"], resp)
-                per_model.setdefault(m, []).append(d)
-                sets["m_train" if STYLES[m][0] == "train" else "m_valid"].append(d)
-
-    def corr(ds):
-        x, y = [d["words"] for d in ds], [d["reward"] for d in ds]
-        mx, my = sum(x) / len(x), sum(y) / len(y)
-        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-        sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-        return round(sxy / math.sqrt(sxx * syy), 4) + 0.0 if sxx and syy else 0.0
-
-    def mean(ds, key):
-        return sum(d[key] == 1 if key == "correct" else d[key] for d in ds) / len(ds)
-
-    stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(mean(ds, "correct"), 4),
-                            "mean_words": round(mean(ds, "words"), 2), "mean_gold": round(mean(ds, "reward"), 4)}
-                        for m, ds in sorted(per_model.items())}}
-    for s, ds in sets.items():
-        if ds:
-            stats[f"corr_words_gold_{s}"] = corr(ds)
-    return stats
-
-
-def _str_field(row, key, where):
-    if key not in row:
-        raise DataError(f"{where}: missing field '{key}'")
-    if not isinstance(row[key], str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
-    return row[key]
-
-
-def source_ultrafeedback(args, skipped):
-    """Appendix B: dedupe prompts, drop rows with 2+ identical responses, 51,200 train prompts (2 responses
-    for train, 2 for D_ID), the rest prompt-OOD; 4 new models answer for response-/mutual-OOD; gold labels all."""
-    from utils import progress
-
-    from utils import iter_rows
-
-    dataset = args.dataset or "openbmb/UltraFeedback"
-    prompts, cand_train, seen = {}, {}, set()
-    n_rows = 0
-    for where, row in progress(iter_rows(dataset, args.split), desc="read UltraFeedback", unit=" rows"):
-        n_rows += 1
-        instr = _str_field(row, "instruction", where)
-        comps = row.get("completions")
-        if not isinstance(comps, list):
-            raise DataError(f"{where}: field 'completions' must be a list of {{model, response}} objects")
-        cands = []
-        for j, c in enumerate(comps):
-            if not isinstance(c, dict):
-                raise DataError(f"{where}: field 'completions'[{j}] must be an object")
-            resp, model = c.get("response"), c.get("model")
-            if not isinstance(resp, str):
-                raise DataError(f"{where}: field 'completions'[{j}].response must be a string, "
-                                f"got {type(resp).__name__}")
-            if not isinstance(model, str):
-                raise DataError(f"{where}: field 'completions'[{j}].model must be a string, got {type(model).__name__}")
-            cands.append({"model": model, "response": resp})
-        if not instr.strip():
-            count(skipped, "source", "empty prompt")
-        elif instr in seen:
-            count(skipped, "source", "duplicate prompt")
-        elif len(cands) < 4:
-            count(skipped, "source", "fewer than 4 responses")
-        elif any(not c["response"].strip() for c in cands):
-            count(skipped, "source", "empty response")
-        elif len({c["response"].strip() for c in cands}) < len(cands):
-            count(skipped, "source", "2 or more identical responses")
-        else:
-            pid = prompt_id("uf", instr)
-            prompts[pid], cand_train[pid] = instr, cands
-        seen.add(instr)
-    n_train = args.train_prompts or 51200
-    if n_train >= len(prompts):
-        raise SystemExit(f"{dataset}: {len(prompts)} usable prompts of {n_rows} rows; --train-prompts {n_train} leaves "
-                         "none for prompt-OOD (lower --train-prompts)")
-    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
-    rng = random.Random(f"{args.seed}-ood")
-    ood_train = sorted(rng.sample(train_ids, min(len(train_ids), args.ood_prompts or len(train_ids))))
-    ood_valid = sorted(rng.sample(valid_ids, min(len(valid_ids), args.ood_prompts or len(valid_ids))))
-    cand_valid = generate_responses(args, {pid: prompts[pid] for pid in ood_train + ood_valid}, skipped)
-    m_valid = sorted({c["model"] for cs in cand_valid.values() for c in cs})
-    m_train = sorted({c["model"] for cs in cand_train.values() for c in cs})
-    label_with_gold(args, prompts, [cand_train, cand_valid], skipped)
-    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
-                            skipped)
-    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
-    return files, m_train, m_valid, {"source_rows": n_rows, "usable_prompts": len(prompts),
-                                     "train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, {}
-
-
-def _flat(msgs, role):
-    """A single message of this role -> its text; anything longer stays a message list."""
-    return msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == role else msgs
-
-
-def source_skywork(args, skipped):
-    """Skywork-Reward-Preference-80K-v0.2 (chosen/rejected conversations) -> train.jsonl with the dataset's labels.
-    With --gold-model the pairs are also scored (scores written, labels kept; agreement in the manifest)."""
-    from utils import progress
-
-    from utils import iter_rows, parse_pair
-
-    dataset = args.dataset or "Skywork/Skywork-Reward-Preference-80K-v0.2"
-    rows = []
-    for where, row in progress(iter_rows(dataset, args.split), desc="read Skywork", unit=" rows"):
-        parsed = parse_pair(row, where)
-        if parsed[0] == "skip":
-            count(skipped, "train.jsonl", parsed[1])
-            continue
-        prompt, chosen, rejected = parsed
-        if not prompt:
-            count(skipped, "train.jsonl", "no prompt (no shared leading message)")
-            continue
-        p = _flat(prompt, "user")
-        rows.append({"prompt_id": prompt_id("sky", p), "prompt": p, "chosen": _flat(chosen, "assistant"),
-                     "rejected": _flat(rejected, "assistant"), "chosen_score": None, "rejected_score": None,
-                     "chosen_model": None, "rejected_model": None})
-    extra = {}
-    if args.gold_model:
-        score = gold_scorer(args)
-        s = score([(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")])
-        for i, r in enumerate(rows):
-            r["chosen_score"], r["rejected_score"] = s[2 * i], s[2 * i + 1]
-        finite = [r for r in rows if math.isfinite(r["chosen_score"]) and math.isfinite(r["rejected_score"])]
-        if len(finite) < len(rows):  # a gold model that overflowed: the pair has no usable gold score
-            count(skipped, "train.jsonl", "non-finite gold score", len(rows) - len(finite))
-            rows = finite
-        agree = sum(r["chosen_score"] > r["rejected_score"] for r in rows)
-        extra["gold_agrees_with_labels"] = round(agree / max(1, len(rows)), 4)
-    return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
-
-
-AE_FAMILIES = [  # first match wins: 'oasst-sft-pythia-12b' is pythia, 'alpaca-farm-ppo-sim-gpt4-20k' is llama
-    ("pythia", r"pythia"), ("falcon", r"falcon"), ("gemma", r"gemma"), ("phi", r"^phi"), ("qwen", r"qwen"),
-    ("mistral", r"mistral|mixtral|zephyr"), ("chatglm", r"chatglm"), ("claude", r"claude"),
-    ("llama", r"llama|alpaca|vicuna|wizardlm|ultralm|baize|minotaur|nous-hermes|humpback|guanaco|koala|tulu"),
-    ("gpt", r"^gpt|davinci")]
-
-
-def model_family(name):
-    return next((fam for fam, rx in AE_FAMILIES if re.search(rx, name.lower())), name)
-
-
-def source_alpaca_eval(args, skipped):
-    """AlpacaEval results/<model>/<annotator>/annotations.json: gold r* = preference - 1 for (instruction, output_2)."""
-    if not args.alpaca_eval_dir:
-        raise SystemExit("--source alpaca_eval needs --alpaca-eval-dir DIR (laid out like AlpacaEval's results/)")
-    root = os.path.join(args.alpaca_eval_dir, "results")
-    root = root if os.path.isdir(root) else args.alpaca_eval_dir
-    if not os.path.isdir(root):
-        raise SystemExit(f"--alpaca-eval-dir {args.alpaca_eval_dir}: not a folder")
-    by_prompt = {}  # instruction -> {model: (response, score)}
-    models = []
-    for model in sorted(os.listdir(root)):
-        path = os.path.join(root, model, args.annotator, "annotations.json")
-        if model == args.reference_model or not os.path.isdir(os.path.join(root, model)):
-            continue
-        if not os.path.exists(path):
-            count(skipped, "source", f"model folder without {args.annotator}/annotations.json")
-            continue
-        from utils import read_json
-
-        records = read_json(path)  # UTF-8 (BOM allowed); bad bytes or JSON name file:line
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a list of annotation records, got {type(records).__name__}")
-        models.append(model)
-        for i, rec in enumerate(records):
-            where = f"{path} record {i}"
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected an object")
-            instr, out = _str_field(rec, "instruction", where), rec.get("output_2")
-            if not isinstance(out, str):
-                raise DataError(f"{where}: field 'output_2' must be a string, got {type(out).__name__}")
-            try:
-                pref = float(rec.get("preference"))
-            except (TypeError, ValueError):
-                raise DataError(f"{where}: field 'preference' must be a number, "
-                                f"got {rec.get('preference')!r}") from None
-            if not math.isfinite(pref):
-                count(skipped, "source", "preference is not finite (NaN or infinite)")
-            elif not out.strip():
-                count(skipped, "source", "empty response")
-            elif model in by_prompt.setdefault(instr, {}):
-                count(skipped, "source", "instruction repeated within one model's file")
-            else:
-                by_prompt[instr][model] = (out, round(pref - 1.0, 6))
-    if not models:
-        raise SystemExit(f"{root}: no <model>/{args.annotator}/annotations.json found")
-    if args.valid_models:
-        m_valid = [m.strip() for m in args.valid_models.split(",") if m.strip()]
-        unknown = [m for m in m_valid if m not in models]
-        if unknown:
-            raise SystemExit(f"--valid-models: unknown model(s) {unknown}; models present: {', '.join(models)}")
-    else:
-        fams = {f.strip() for f in args.valid_families.split(",")}
-        m_valid = [m for m in models if model_family(m) in fams]
-    m_train = [m for m in models if m not in m_valid]
-    if len(m_valid) < 4 or len(m_train) < 4:
-        raise SystemExit(f"need at least 4 models on each side: M_train {m_train}, M_valid {m_valid} "
-                         "(change --valid-families or --valid-models)")
-    prompts = {prompt_id("ae", p): p for p in by_prompt}
-    cand_train, cand_valid = {}, {}
-    for pid, p in prompts.items():
-        cands = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items())]
-        cand_train[pid] = [c for c in cands if c["model"] in m_train]
-        cand_valid[pid] = [c for c in cands if c["model"] in m_valid]
-    n_train = args.train_prompts or round(0.8 * len(prompts))
-    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
-    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args.seed, args.pairs_per_prompt,
-                            skipped)
-    files.update(rl_prompt_files(prompts, valid_ids, args.rl_eval_prompts, args.seed))
-    families = {m: model_family(m) for m in models}
-    splits = {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}
-    return files, m_train, m_valid, splits, {"families": families}
-
-
-def _pairs_file(path, skipped, name):
-    from utils import as_messages, iter_rows, parse_pair
-
-    rows = []
-    for where, row in iter_rows(path):
-        parsed = parse_pair(row, where)
-        if parsed[0] == "skip":
-            count(skipped, name, parsed[1])
-            continue
-        scores = [row.get("chosen_score"), row.get("rejected_score")]
-        for k, s in zip(("chosen_score", "rejected_score"), scores):
-            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
-                raise DataError(f"{where}: field '{k}' must be a finite number or null, got {s!r}")
-        if None not in scores and scores[0] <= scores[1]:
-            raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than "
-                            f"'rejected_score' ({scores[1]})")
-        out = {k: row[k] for k in ("prompt", "chosen", "rejected")} if row.get("prompt") is not None else {
-            "prompt": parsed[0], "chosen": parsed[1], "rejected": parsed[2]}  # conversations: write the split form
-        as_messages(out["prompt"], "user", where, "prompt")
-        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", out["prompt"]), **out,
-                     "chosen_score": scores[0], "rejected_score": scores[1],
-                     "chosen_model": row.get("chosen_model"), "rejected_model": row.get("rejected_model")})
-    return rows
-
-
-def _ranking_file(path, skipped, name):
-    from utils import as_messages, iter_rows
-
-    rows = []
-    for where, row in iter_rows(path):
-        if "prompt" not in row:
-            raise DataError(f"{where}: missing field 'prompt'")
-        as_messages(row["prompt"], "user", where, "prompt")
-        resp, gold = row.get("responses"), row.get("gold_scores")
-        if not isinstance(resp, list) or any(not isinstance(x, str) for x in resp):
-            raise DataError(f"{where}: field 'responses' must be a list of strings")
-        if not isinstance(gold, list) or len(gold) != len(resp) or any(
-                isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold):
-            raise DataError(f"{where}: field 'gold_scores' must be a list of {len(resp)} numbers (one per response)")
-        bad = [j for j, g in enumerate(gold) if not math.isfinite(g)]
-        if bad:
-            raise DataError(f"{where}: field 'gold_scores'[{bad[0]}] is {gold[bad[0]]!r}; gold scores must be finite")
-        models = row.get("models") or [None] * len(resp)
-        if not isinstance(models, list) or len(models) != len(resp):
-            raise DataError(f"{where}: field 'models' must be a list of {len(resp)} names (one per response)")
-        if len(resp) < 2:
-            count(skipped, name, "fewer than 2 responses")
-            continue
-        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", row["prompt"]), "prompt": row["prompt"],
-                     "responses": resp, "gold_scores": gold, "models": models})
-    return rows
-
-
-def source_jsonl(args, skipped):
-    if not args.train_file:
-        raise SystemExit("--source jsonl needs --train-file F (pairs: prompt/chosen/rejected)")
-    files = {"train.jsonl": _pairs_file(args.train_file, skipped, "train.jsonl")}
-    if args.valid_file:
-        files["valid_id.jsonl"] = _pairs_file(args.valid_file, skipped, "valid_id.jsonl")
-    for flag, name in (("prompt_ood_file", "valid_prompt_ood.jsonl"), ("response_ood_file", "valid_response_ood.jsonl"),
-                       ("mutual_ood_file", "valid_mutual_ood.jsonl")):
-        if getattr(args, flag):
-            files[name] = _ranking_file(getattr(args, flag), skipped, name)
-    for flag, name in (("rl_prompts_file", "rl_prompts.jsonl"), ("rl_eval_prompts_file", "rl_eval_prompts.jsonl")):
-        if getattr(args, flag):
-            from utils import iter_rows
-            files[name] = [{"prompt_id": r.get("prompt_id") or prompt_id("own", _str_field(r, "prompt", w)),
-                            "prompt": _str_field(r, "prompt", w)} for w, r in iter_rows(getattr(args, flag))]
-    return files, [], [], {"train_prompts": len({r["prompt_id"] for r in files["train.jsonl"]})}, {}
-
-
-# ===================================================================================================
-# Real-source compute: new-model generation (vLLM or transformers) and gold labelling
-# ===================================================================================================
-
-
-def model_name(path):
-    return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
-
-
-def generate_responses(args, prompts, skipped):
-    """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
-    import torch
-    from utils import progress
-
-    import utils
-
-    models = [m.strip() for m in args.new_models.split(",") if m.strip()]
-    if len(models) * args.samples_per_model < 4:
-        raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
-                         "fewer than 4 responses per prompt")
-    use_vllm = args.generator == "vllm"
-    if args.generator == "auto":
-        try:
-            import vllm  # noqa: F401
-            use_vllm = torch.cuda.is_available()
-        except ImportError:
-            use_vllm = False
-    pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
-    out = {pid: [] for pid in pids}
-    for name in models:
-        conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
-        if use_vllm:  # the same prompt ids and decoding as the transformers branch below; the engine is utils'
-            from vllm import SamplingParams
-
-            tok = utils.load_tokenizer(name)
-            ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"] for c in conversations]
-            longest = max(len(p) for p in ids)
-            llm = utils.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
-                                    dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                                    seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-                                    needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
-                                    trust_remote_code=args.trust_remote_code)
-            params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
-                                    max_tokens=args.max_new_tokens, seed=args.seed)
-            outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=progress)
-            texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
-            del llm
-            gc.collect()
-        else:
-            from transformers import AutoModelForCausalLM
-
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            tok = utils.load_tokenizer(name)
-            tok.padding_side = "left"
-            model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                trust_remote_code=args.trust_remote_code).to(device).eval()
-            torch.manual_seed(args.seed)
-            texts = []
-            for i in progress(range(0, len(pids), args.gen_batch_size), desc=f"generate {model_name(name)}"):
-                chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                         for c in conversations[i: i + args.gen_batch_size]]
-                enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-                with torch.no_grad():
-                    gen = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                         num_return_sequences=args.samples_per_model, pad_token_id=tok.pad_token_id)
-                dec = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                texts += [dec[j: j + args.samples_per_model] for j in range(0, len(dec), args.samples_per_model)]
-            del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        for pid, ts in zip(pids, texts):
-            out[pid] += [{"model": model_name(name), "response": t.strip()} for t in ts]
-    for pid in pids:  # an empty generation cannot be ranked: dropped, counted (repeats: see build_scenarios)
-        kept = [c for c in out[pid] if c["response"]]
-        if len(kept) < len(out[pid]):
-            count(skipped, "source", "empty generated response", len(out[pid]) - len(kept))
-        out[pid] = kept
-    return out
-
-
-def gold_scorer(args):
-    """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
-    import torch
-
-    import utils
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = utils.load_gold_model(args.gold_model, args.trust_remote_code,
-                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = model.to(device).eval()
-
-    def model_fn(input_ids, attention_mask):
-        r = utils.gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
-        return r, r[:, None]
-
-    def score(items):
-        seqs = [utils.encode_prompt_response(tok, p, y, args.gold_max_length, truncate=True) for p, y in items]
-        rewards, _ = utils.score_sequences(model_fn, seqs, model.config.pad_token_id, device, args.gold_batch_size,
-                                           desc=f"gold r* ({model_name(args.gold_model)})")
-        return [round(float(x), 6) for x in rewards]
-
-    return score
-
-
-def label_with_gold(args, prompts, cand_dicts, skipped):
-    """Add 'score' (the gold RM's reward) to every candidate, each distinct (prompt, response) scored once.
-    A non-finite score (the gold model overflowed) drops that candidate, counted."""
-    if not args.gold_model:
-        args.gold_model = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-    keys = sorted({(pid, c["response"]) for cands in cand_dicts for pid, cs in cands.items() for c in cs})
-    scores = dict(zip(keys, gold_scorer(args)([(prompts[pid], y) for pid, y in keys])))
-    for cands in cand_dicts:
-        for pid, cs in cands.items():
-            for c in cs:
-                c["score"] = scores[(pid, c["response"])]
-            cands[pid] = [c for c in cs if math.isfinite(c["score"])]
-            if len(cands[pid]) < len(cs):
-                count(skipped, "source", "non-finite gold score", len(cs) - len(cands[pid]))
-
-
-# ===================================================================================================
-# The tiny base model of the toy world (byte-level BPE tokenizer + random-init Llama), HF format
-# ===================================================================================================
-
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def build_base_model(path, texts, args):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
-                                  special_tokens=["<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>", "<|system|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   model_max_length=args.max_position_embeddings)
-    fast.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
-                         intermediate_size=args.intermediate_size or 4 * args.hidden_size,
-                         num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
-                         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=True,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(path)
-    fast.save_pretrained(path)
-    return {"vocab_size": len(fast), "parameters": sum(p.numel() for p in model.parameters()),
-            "hidden_size": args.hidden_size, "num_layers": args.num_layers}
-
+import torch
+
+import toy_world
+import utils
+from utils import DataError, progress
+
+# transformers, tokenizers and vLLM are imported inside the functions that use them: the jsonl and alpaca_eval
+# sources need none of them, transformers alone takes seconds to import, and vLLM is optional.
+
+STAGE = "make_data.py"
+SCENARIO_FILES = ("train.jsonl", "valid_id.jsonl", "valid_prompt_ood.jsonl", "valid_response_ood.jsonl",
+                  "valid_mutual_ood.jsonl")
+MANIFEST_KEYS = ("source", "seed", "counts", "splits", "checks", "args")  # how an older make_data's folder is known
 
 # ===================================================================================================
 # Arguments
 # ===================================================================================================
 
-SOURCES = {"synthetic": source_synthetic, "ultrafeedback": source_ultrafeedback, "skywork": source_skywork,
-           "alpaca_eval": source_alpaca_eval, "jsonl": source_jsonl}
-
-
-class DataError(ValueError):
-    """Bad input (as utils.DataError; defined here so that this module imports only the stdlib)."""
-
 
 def parse_args(argv=None):
-    import utils
-    from utils import HelpFormatter
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), default="synthetic", help="where the data comes from")
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed -> same files)")
@@ -760,19 +112,625 @@ def parse_args(argv=None):
 
 
 # ===================================================================================================
-# Main
+# Sources. Each returns (files {name: rows}, M_train, M_valid, splits, extra manifest fields) and counts
+# what it drops in `skipped` {file: {reason: n}}.
 # ===================================================================================================
 
 
-STAGE = "make_data.py"
-MANIFEST_KEYS = ("source", "seed", "counts", "splits", "checks", "args")
+def source_synthetic(args, skipped):
+    """The toy world (toy_world.py): its prompts, its ten response models scored by its gold r*, and sft.jsonl."""
+    if args.pairs_per_prompt * 2 + 2 > len(toy_world.M_TRAIN):
+        raise SystemExit(f"--pairs-per-prompt {args.pairs_per_prompt}: the toy world has {len(toy_world.M_TRAIN)} "
+                         f"M_train models, enough for at most {(len(toy_world.M_TRAIN) - 2) // 2} pairs per prompt")
+    prompts = {f"syn-{i:06d}": p for i, p in enumerate(toy_world.make_prompts(args.num_prompts, args.seed))}
+    train_ids, valid_ids = split_prompts(prompts, args.train_prompts or round(0.8 * len(prompts)), args.seed)
+    cand_train, cand_valid, sft, train_set = {}, {}, [], set(train_ids)
+    for pid in progress(sorted(prompts), desc="toy responses", disable=len(prompts) < 5000):
+        in_train = pid in train_set
+        cand_train[pid], cand_valid[pid], answer = toy_world.candidate_responses(
+            prompts[pid], random.Random(f"{args.seed}-{pid}"), 2 * args.pairs_per_prompt + 2 if in_train else 4,
+            sft_answer=in_train)
+        if in_train:  # the SFT corpus uses X_train prompts only
+            sft.append({"messages": [{"role": "user", "content": prompts[pid]},
+                                     {"role": "assistant", "content": answer}]})
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args, skipped)
+    files["sft.jsonl"] = sft
+    responses = [(r["prompt"], y, m) for name in SCENARIO_FILES for r in files[name]
+                 for y, m in zip(responses_of(r), models_of(r))]
+    world = {"families": sorted(toy_world.FAMILIES), "spurious": toy_world.spurious_stats(responses)}
+    splits = {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}
+    return files, toy_world.M_TRAIN, toy_world.M_VALID, splits, world
+
+
+def string_field(row, key, where):
+    if key not in row:
+        raise DataError(f"{where}: missing field '{key}'")
+    if not isinstance(row[key], str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def source_ultrafeedback(args, skipped):
+    """Appendix B: dedupe prompts, drop rows with 2+ identical responses, 51,200 train prompts (2 responses
+    for train, 2 for D_ID), the rest prompt-OOD; 4 new models answer for response-/mutual-OOD; gold labels all."""
+    dataset = args.dataset or "openbmb/UltraFeedback"
+    prompts, cand_train, seen = {}, {}, set()
+    n_rows = 0
+    for where, row in progress(utils.iter_rows(dataset, args.split), desc="read UltraFeedback", unit=" rows"):
+        n_rows += 1
+        instruction = string_field(row, "instruction", where)
+        completions = row.get("completions")
+        if not isinstance(completions, list):
+            raise DataError(f"{where}: field 'completions' must be a list of {{model, response}} objects")
+        cands = []
+        for j, c in enumerate(completions):
+            if not isinstance(c, dict):
+                raise DataError(f"{where}: field 'completions'[{j}] must be an object")
+            for key in ("response", "model"):
+                if not isinstance(c.get(key), str):
+                    raise DataError(f"{where}: field 'completions'[{j}].{key} must be a string, "
+                                    f"got {type(c.get(key)).__name__}")
+            cands.append({"model": c["model"], "response": c["response"]})
+        if not instruction.strip():
+            count_skip(skipped, "source", "empty prompt")
+        elif instruction in seen:
+            count_skip(skipped, "source", "duplicate prompt")
+        elif len(cands) < 4:
+            count_skip(skipped, "source", "fewer than 4 responses")
+        elif any(not c["response"].strip() for c in cands):
+            count_skip(skipped, "source", "empty response")
+        elif len({c["response"].strip() for c in cands}) < len(cands):
+            count_skip(skipped, "source", "2 or more identical responses")
+        else:
+            pid = prompt_id("uf", instruction)
+            prompts[pid], cand_train[pid] = instruction, cands
+        seen.add(instruction)
+    n_train = args.train_prompts or 51200
+    if n_train >= len(prompts):
+        raise SystemExit(f"{dataset}: {len(prompts)} usable prompts of {n_rows} rows; --train-prompts {n_train} leaves "
+                         "none for prompt-OOD (lower --train-prompts)")
+    train_ids, valid_ids = split_prompts(prompts, n_train, args.seed)
+    rng = random.Random(f"{args.seed}-ood")
+    ood_train = sorted(rng.sample(train_ids, min(len(train_ids), args.ood_prompts or len(train_ids))))
+    ood_valid = sorted(rng.sample(valid_ids, min(len(valid_ids), args.ood_prompts or len(valid_ids))))
+    cand_valid = generate_responses(args, {pid: prompts[pid] for pid in ood_train + ood_valid}, skipped)
+    m_valid = sorted({c["model"] for cs in cand_valid.values() for c in cs})
+    m_train = sorted({c["model"] for cs in cand_train.values() for c in cs})
+    label_with_gold(args, prompts, [cand_train, cand_valid], skipped)
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args, skipped)
+    return files, m_train, m_valid, {"source_rows": n_rows, "usable_prompts": len(prompts),
+                                     "train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}, {}
+
+
+def text_if_single(msgs, role):
+    """A single message of this role -> its text; anything longer stays a message list."""
+    return msgs[0]["content"] if len(msgs) == 1 and msgs[0]["role"] == role else msgs
+
+
+def source_skywork(args, skipped):
+    """Skywork-Reward-Preference-80K-v0.2 (chosen/rejected conversations) -> train.jsonl with the dataset's labels.
+    With --gold-model the pairs are also scored (scores written, labels kept; agreement in the manifest)."""
+    dataset = args.dataset or "Skywork/Skywork-Reward-Preference-80K-v0.2"
+    rows = []
+    for where, row in progress(utils.iter_rows(dataset, args.split), desc="read Skywork", unit=" rows"):
+        parsed = utils.parse_pair(row, where)
+        if parsed[0] == "skip":
+            count_skip(skipped, "train.jsonl", parsed[1])
+            continue
+        prompt, chosen, rejected = parsed
+        if not prompt:
+            count_skip(skipped, "train.jsonl", "no prompt (no shared leading message)")
+            continue
+        prompt = text_if_single(prompt, "user")
+        rows.append({"prompt_id": prompt_id("sky", prompt), "prompt": prompt,
+                     "chosen": text_if_single(chosen, "assistant"), "rejected": text_if_single(rejected, "assistant"),
+                     "chosen_score": None, "rejected_score": None, "chosen_model": None, "rejected_model": None})
+    extra = {}
+    if args.gold_model:
+        scores = gold_scorer(args)([(r["prompt"], r[k]) for r in rows for k in ("chosen", "rejected")])
+        for i, r in enumerate(rows):
+            r["chosen_score"], r["rejected_score"] = scores[2 * i], scores[2 * i + 1]
+        rows = keep_counted(rows, lambda r: math.isfinite(r["chosen_score"]) and math.isfinite(r["rejected_score"]),
+                            skipped, "train.jsonl", "non-finite gold score")  # the gold model overflowed
+        agree = sum(r["chosen_score"] > r["rejected_score"] for r in rows)
+        extra["gold_agrees_with_labels"] = round(agree / max(1, len(rows)), 4)
+    return {"train.jsonl": rows}, [], [], {"train_prompts": len({r["prompt_id"] for r in rows})}, extra
+
+
+AE_FAMILIES = [  # first match wins: 'oasst-sft-pythia-12b' is pythia, 'alpaca-farm-ppo-sim-gpt4-20k' is llama
+    ("pythia", r"pythia"), ("falcon", r"falcon"), ("gemma", r"gemma"), ("phi", r"^phi"), ("qwen", r"qwen"),
+    ("mistral", r"mistral|mixtral|zephyr"), ("chatglm", r"chatglm"), ("claude", r"claude"),
+    ("llama", r"llama|alpaca|vicuna|wizardlm|ultralm|baize|minotaur|nous-hermes|humpback|guanaco|koala|tulu"),
+    ("gpt", r"^gpt|davinci")]
+
+
+def model_family(name):
+    return next((fam for fam, rx in AE_FAMILIES if re.search(rx, name.lower())), name)
+
+
+def source_alpaca_eval(args, skipped):
+    """AlpacaEval results/<model>/<annotator>/annotations.json: gold r* = preference - 1 for (instruction, output_2)."""
+    if not args.alpaca_eval_dir:
+        raise SystemExit("--source alpaca_eval needs --alpaca-eval-dir DIR (laid out like AlpacaEval's results/)")
+    root = os.path.join(args.alpaca_eval_dir, "results")
+    root = root if os.path.isdir(root) else args.alpaca_eval_dir
+    if not os.path.isdir(root):
+        raise SystemExit(f"--alpaca-eval-dir {args.alpaca_eval_dir}: not a folder")
+    by_prompt = {}  # instruction -> {model: (response, score)}
+    models = []
+    for model in sorted(os.listdir(root)):
+        path = os.path.join(root, model, args.annotator, "annotations.json")
+        if model == args.reference_model or not os.path.isdir(os.path.join(root, model)):
+            continue
+        if not os.path.exists(path):
+            count_skip(skipped, "source", f"model folder without {args.annotator}/annotations.json")
+            continue
+        records = utils.read_json(path)  # UTF-8 (BOM allowed); bad bytes or JSON name file:line
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a list of annotation records, got {type(records).__name__}")
+        models.append(model)
+        for i, rec in enumerate(records):
+            where = f"{path} record {i}"
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected an object")
+            instruction, output = string_field(rec, "instruction", where), rec.get("output_2")
+            if not isinstance(output, str):
+                raise DataError(f"{where}: field 'output_2' must be a string, got {type(output).__name__}")
+            try:
+                preference = float(rec.get("preference"))
+            except (TypeError, ValueError):
+                raise DataError(f"{where}: field 'preference' must be a number, "
+                                f"got {rec.get('preference')!r}") from None
+            if not math.isfinite(preference):
+                count_skip(skipped, "source", "preference is not finite (NaN or infinite)")
+            elif not output.strip():
+                count_skip(skipped, "source", "empty response")
+            elif model in by_prompt.setdefault(instruction, {}):
+                count_skip(skipped, "source", "instruction repeated within one model's file")
+            else:
+                by_prompt[instruction][model] = (output, round(preference - 1.0, 6))
+    if not models:
+        raise SystemExit(f"{root}: no <model>/{args.annotator}/annotations.json found")
+    if args.valid_models:
+        m_valid = [m.strip() for m in args.valid_models.split(",") if m.strip()]
+        unknown = [m for m in m_valid if m not in models]
+        if unknown:
+            raise SystemExit(f"--valid-models: unknown model(s) {unknown}; models present: {', '.join(models)}")
+    else:
+        families = {f.strip() for f in args.valid_families.split(",")}
+        m_valid = [m for m in models if model_family(m) in families]
+    m_train = [m for m in models if m not in m_valid]
+    if len(m_valid) < 4 or len(m_train) < 4:
+        raise SystemExit(f"need at least 4 models on each side: M_train {m_train}, M_valid {m_valid} "
+                         "(change --valid-families or --valid-models)")
+    prompts = {prompt_id("ae", p): p for p in by_prompt}
+    cand_train, cand_valid = {}, {}
+    for pid, p in prompts.items():
+        cands = [{"model": m, "response": r, "score": s} for m, (r, s) in sorted(by_prompt[p].items())]
+        cand_train[pid] = [c for c in cands if c["model"] in m_train]
+        cand_valid[pid] = [c for c in cands if c["model"] in m_valid]
+    train_ids, valid_ids = split_prompts(prompts, args.train_prompts or round(0.8 * len(prompts)), args.seed)
+    files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args, skipped)
+    splits = {"train_prompts": len(train_ids), "valid_prompts": len(valid_ids)}
+    return files, m_train, m_valid, splits, {"families": {m: model_family(m) for m in models}}
+
+
+def read_pair_file(path, skipped, name):
+    rows = []
+    for where, row in utils.iter_rows(path):
+        parsed = utils.parse_pair(row, where)
+        if parsed[0] == "skip":
+            count_skip(skipped, name, parsed[1])
+            continue
+        scores = [row.get("chosen_score"), row.get("rejected_score")]
+        for k, s in zip(("chosen_score", "rejected_score"), scores):
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+                raise DataError(f"{where}: field '{k}' must be a finite number or null, got {s!r}")
+        if None not in scores and scores[0] <= scores[1]:
+            raise DataError(f"{where}: field 'chosen_score' ({scores[0]}) must be higher than "
+                            f"'rejected_score' ({scores[1]})")
+        out = {k: row[k] for k in ("prompt", "chosen", "rejected")} if row.get("prompt") is not None else {
+            "prompt": parsed[0], "chosen": parsed[1], "rejected": parsed[2]}  # conversations: write the split form
+        utils.as_messages(out["prompt"], "user", where, "prompt")
+        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", out["prompt"]), **out,
+                     "chosen_score": scores[0], "rejected_score": scores[1],
+                     "chosen_model": row.get("chosen_model"), "rejected_model": row.get("rejected_model")})
+    return rows
+
+
+def read_ranking_file(path, skipped, name):
+    rows = []
+    for where, row in utils.iter_rows(path):
+        if "prompt" not in row:
+            raise DataError(f"{where}: missing field 'prompt'")
+        utils.as_messages(row["prompt"], "user", where, "prompt")
+        responses, gold = row.get("responses"), row.get("gold_scores")
+        if not isinstance(responses, list) or any(not isinstance(x, str) for x in responses):
+            raise DataError(f"{where}: field 'responses' must be a list of strings")
+        if not isinstance(gold, list) or len(gold) != len(responses) or any(
+                isinstance(g, bool) or not isinstance(g, (int, float)) for g in gold):
+            raise DataError(f"{where}: field 'gold_scores' must be a list of {len(responses)} numbers "
+                            "(one per response)")
+        bad = [j for j, g in enumerate(gold) if not math.isfinite(g)]
+        if bad:
+            raise DataError(f"{where}: field 'gold_scores'[{bad[0]}] is {gold[bad[0]]!r}; gold scores must be finite")
+        models = row.get("models") or [None] * len(responses)
+        if not isinstance(models, list) or len(models) != len(responses):
+            raise DataError(f"{where}: field 'models' must be a list of {len(responses)} names (one per response)")
+        if len(responses) < 2:
+            count_skip(skipped, name, "fewer than 2 responses")
+            continue
+        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", row["prompt"]), "prompt": row["prompt"],
+                     "responses": responses, "gold_scores": gold, "models": models})
+    return rows
+
+
+def read_prompt_file(path):
+    rows = []
+    for where, row in utils.iter_rows(path):
+        prompt = string_field(row, "prompt", where)
+        rows.append({"prompt_id": row.get("prompt_id") or prompt_id("own", prompt), "prompt": prompt})
+    return rows
+
+
+def source_jsonl(args, skipped):
+    """Your own files, validated (a bad row: an error naming file, line and field) and copied in the same layout."""
+    if not args.train_file:
+        raise SystemExit("--source jsonl needs --train-file F (pairs: prompt/chosen/rejected)")
+    files = {"train.jsonl": read_pair_file(args.train_file, skipped, "train.jsonl")}
+    if args.valid_file:
+        files["valid_id.jsonl"] = read_pair_file(args.valid_file, skipped, "valid_id.jsonl")
+    for path, name in ((args.prompt_ood_file, "valid_prompt_ood.jsonl"),
+                       (args.response_ood_file, "valid_response_ood.jsonl"),
+                       (args.mutual_ood_file, "valid_mutual_ood.jsonl")):
+        if path:
+            files[name] = read_ranking_file(path, skipped, name)
+    for path, name in ((args.rl_prompts_file, "rl_prompts.jsonl"), (args.rl_eval_prompts_file, "rl_eval_prompts.jsonl")):
+        if path:
+            files[name] = read_prompt_file(path)
+    return files, [], [], {"train_prompts": len({r["prompt_id"] for r in files["train.jsonl"]})}, {}
+
+
+SOURCES = {"synthetic": source_synthetic, "ultrafeedback": source_ultrafeedback, "skywork": source_skywork,
+           "alpaca_eval": source_alpaca_eval, "jsonl": source_jsonl}
+
+# ===================================================================================================
+# Real-source compute: new-model generation (vLLM or transformers) and gold labelling
+# ===================================================================================================
+
+
+def short_model_name(path):
+    """A local model folder -> its folder name; a hub id stays as it is."""
+    return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
+
+
+def vllm_importable():
+    """--generator auto: use vLLM only where it imports (the engine itself comes from utils.vllm_engine)."""
+    try:
+        importlib.import_module("vllm")
+        return True
+    except ImportError:
+        return False
+
+
+def generate_responses(args, prompts, skipped):
+    """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
+    models = [m.strip() for m in args.new_models.split(",") if m.strip()]
+    if len(models) * args.samples_per_model < 4:
+        raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
+                         "fewer than 4 responses per prompt")
+    use_vllm = args.generator == "vllm" or (args.generator == "auto" and vllm_importable()
+                                            and torch.cuda.is_available())
+    pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
+    conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
+    out = {pid: [] for pid in pids}
+    for name in models:
+        generate = generate_with_vllm if use_vllm else generate_with_transformers
+        texts = generate(name, conversations, args)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for pid, ts in zip(pids, texts):
+            out[pid] += [{"model": short_model_name(name), "response": t.strip()} for t in ts]
+    for pid in pids:  # an empty generation cannot be ranked (repeated texts: see build_scenarios)
+        out[pid] = keep_counted(out[pid], lambda c: c["response"], skipped, "source", "empty generated response")
+    return out
+
+
+def generate_with_vllm(name, conversations, args):
+    """[[--samples-per-model texts] per conversation]: the same prompt ids and sampling as the transformers path."""
+    from vllm import SamplingParams
+
+    tok = utils.load_tokenizer(name)
+    ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for c in conversations]
+    longest = max(len(p) for p in ids)
+    llm = utils.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
+                            dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                            seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                            needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
+                            trust_remote_code=args.trust_remote_code)
+    params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_new_tokens, seed=args.seed)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=progress)
+    texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
+    del llm  # free the engine's memory before the next model loads
+    gc.collect()
+    return texts
+
+
+def generate_with_transformers(name, conversations, args):
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = utils.load_tokenizer(name)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        trust_remote_code=args.trust_remote_code).to(device).eval()
+    torch.manual_seed(args.seed)
+    texts, n = [], args.samples_per_model
+    for i in progress(range(0, len(conversations), args.gen_batch_size), desc=f"generate {short_model_name(name)}"):
+        chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations[i: i + args.gen_batch_size]]
+        enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
+                                 pad_token_id=tok.pad_token_id)
+        decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts += [decoded[j: j + n] for j in range(0, len(decoded), n)]
+    return texts
+
+
+def gold_scorer(args):
+    """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = utils.load_gold_model(args.gold_model, args.trust_remote_code,
+                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(device).eval()
+
+    def model_fn(input_ids, attention_mask):
+        r = utils.gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+        return r, r[:, None]
+
+    def score(items):
+        seqs = [utils.encode_prompt_response(tok, p, y, args.gold_max_length, truncate=True) for p, y in items]
+        rewards, _ = utils.score_sequences(model_fn, seqs, model.config.pad_token_id, device, args.gold_batch_size,
+                                           desc=f"gold r* ({short_model_name(args.gold_model)})")
+        return [round(float(x), 6) for x in rewards]
+
+    return score
+
+
+def label_with_gold(args, prompts, cand_dicts, skipped):
+    """Add 'score' (the gold RM's reward) to every candidate, each distinct (prompt, response) scored once.
+    A non-finite score (the gold model overflowed) drops that candidate, counted."""
+    if not args.gold_model:
+        args.gold_model = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    keys = sorted({(pid, c["response"]) for cands in cand_dicts for pid, cs in cands.items() for c in cs})
+    scores = dict(zip(keys, gold_scorer(args)([(prompts[pid], y) for pid, y in keys])))
+    for cands in cand_dicts:
+        for pid, cs in cands.items():
+            for c in cs:
+                c["score"] = scores[(pid, c["response"])]
+            cands[pid] = keep_counted(cs, lambda c: math.isfinite(c["score"]), skipped, "source",
+                                      "non-finite gold score")
+
+
+# ===================================================================================================
+# Building the scenarios from scored candidates: prompt split, pairs (D_train, D_ID), ranking rows
+# (the three OOD sets), RL prompts, and the checks the manifest reports
+# ===================================================================================================
+
+
+def prompt_id(source, prompt):
+    return f"{source}-{hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def count_skip(skipped, file, reason, n=1):
+    skipped.setdefault(file, {})
+    skipped[file][reason] = skipped[file].get(reason, 0) + n
+
+
+def keep_counted(rows, keep, skipped, file, reason):
+    """The rows for which keep(row) is true; the others are counted as skipped for this reason."""
+    kept = [r for r in rows if keep(r)]
+    if len(kept) < len(rows):
+        count_skip(skipped, file, reason, len(rows) - len(kept))
+    return kept
+
+
+def responses_of(row):
+    return [row["chosen"], row["rejected"]] if "chosen" in row else row.get("responses", [])
+
+
+def models_of(row):
+    return [row["chosen_model"], row["rejected_model"]] if "chosen" in row else row.get("models", [])
+
+
+def train_prompt_responses(files):
+    return {(json.dumps(r["prompt"]), json.dumps(y)) for r in files.get("train.jsonl", []) for y in responses_of(r)}
+
+
+def split_prompts(pids, n_train, seed):
+    if not 0 < n_train < len(pids):
+        raise SystemExit(f"--train-prompts {n_train}: need 0 < X_train < {len(pids)} prompts (the rest is X_valid)")
+    order = sorted(pids)
+    random.Random(f"{seed}-split").shuffle(order)
+    return order[:n_train], order[n_train:]
+
+
+def pair_up(cands, n_pairs, rng):
+    """Random disjoint pairs of candidates {model, response, score} whose gold scores differ.
+
+    The paper draws two random responses of four for train and keeps the other two for D_ID; a pair
+    whose gold scores tie carries no label, so a response is paired with the next one that does not tie
+    (trying a few random orders when ties leave too few pairs).
+    """
+    best = []
+    for _ in range(10):  # a few random orders: keep the first that yields n_pairs untied pairs
+        pool, pairs = list(cands), []
+        rng.shuffle(pool)
+        while pool and len(pairs) < n_pairs:
+            a = pool.pop(0)
+            j = next((i for i, b in enumerate(pool) if b["score"] != a["score"]), None)
+            if j is not None:
+                pairs.append((a, pool.pop(j)))
+        if len(pairs) > len(best):
+            best = pairs
+        if len(best) == n_pairs:
+            break
+    return best
+
+
+def pair_row(pid, prompt, a, b):
+    c, r = (a, b) if a["score"] > b["score"] else (b, a)
+    return {"prompt_id": pid, "prompt": prompt, "chosen": c["response"], "rejected": r["response"],
+            "chosen_score": c["score"], "rejected_score": r["score"], "chosen_model": c["model"],
+            "rejected_model": r["model"]}
+
+
+def ranking_row(pid, prompt, cands, rng, file, skipped):
+    if len(cands) < 4:
+        return count_skip(skipped, file, "fewer than 4 responses")
+    pick = rng.sample(list(cands), 4)
+    if len({c["score"] for c in pick}) == 1:
+        return count_skip(skipped, file, "all 4 gold scores tied")
+    return {"prompt_id": pid, "prompt": prompt, "responses": [c["response"] for c in pick],
+            "gold_scores": [c["score"] for c in pick], "models": [c["model"] for c in pick]}
+
+
+def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args, skipped):
+    """The four scenarios and the RL prompt files. prompts: pid -> prompt; cand_*: pid -> [{model, response, score}]
+    from M_train / M_valid. Returns {file name: rows}."""
+    files = {name: [] for name in SCENARIO_FILES}
+    for pid in prompts:  # identical texts from two models: keep the first (M_train before M_valid), count the rest
+        seen = set()
+        for cands, name in ((cand_train, "M_train"), (cand_valid, "M_valid")):
+            if pid in cands:
+                cands[pid] = keep_counted(cands[pid], lambda c: c["response"] not in seen and not seen.add(c["response"]),
+                                          skipped, "source", f"{name} response identical to another model's")
+    rng = random.Random(f"{args.seed}-scenarios")
+    k = args.pairs_per_prompt
+    for pid in train_ids:
+        pairs = pair_up(cand_train.get(pid, []), k + 1, rng)  # k train pairs, then one for D_ID
+        for a, b in pairs[:k]:
+            files["train.jsonl"].append(pair_row(pid, prompts[pid], a, b))
+        if len(pairs) <= k:
+            count_skip(skipped, "valid_id.jsonl", "gold ties or too few responses")
+            if len(pairs) < k:
+                count_skip(skipped, "train.jsonl", "gold ties or too few responses", k - len(pairs))
+        else:
+            files["valid_id.jsonl"].append(pair_row(pid, prompts[pid], *pairs[-1]))
+    for name, ids, cands in (("valid_prompt_ood.jsonl", valid_ids, cand_train),
+                             ("valid_response_ood.jsonl", train_ids, cand_valid),
+                             ("valid_mutual_ood.jsonl", valid_ids, cand_valid)):
+        for pid in ids:
+            if pid in cands:
+                row = ranking_row(pid, prompts[pid], cands[pid], rng, name, skipped)
+                if row:
+                    files[name].append(row)
+    # RLOO prompts come from X_valid (as in the paper), with a disjoint held-out subset for gold-reward tracking
+    ids = list(valid_ids)
+    random.Random(f"{args.seed}-rl").shuffle(ids)
+    n_eval = min(args.rl_eval_prompts, len(ids) // 2)
+    rows = [{"prompt_id": pid, "prompt": prompts[pid]} for pid in ids]
+    files["rl_prompts.jsonl"] = sorted(rows[n_eval:], key=lambda r: r["prompt_id"])
+    files["rl_eval_prompts.jsonl"] = sorted(rows[:n_eval], key=lambda r: r["prompt_id"])
+    return files
+
+
+def drop_train_overlap(files, skipped):
+    """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
+    in_train = train_prompt_responses(files)
+    for name in [n for n in files if n.startswith("valid_")]:
+        files[name] = keep_counted(
+            files[name], lambda r: not any((json.dumps(r["prompt"]), json.dumps(y)) in in_train for y in responses_of(r)),
+            skipped, name, "a response also in train.jsonl for the same prompt")
+
+
+def split_checks(files, m_train, m_valid):
+    """The manifest's checks, computed from the rows that are written."""
+    def prompts(name):
+        return {json.dumps(r["prompt"]) for r in files.get(name, [])}
+
+    def models(name):
+        return {m for r in files.get(name, []) for m in models_of(r)}
+
+    train_p = prompts("train.jsonl") | prompts("valid_id.jsonl")
+    unseen = prompts("valid_prompt_ood.jsonl") | prompts("valid_mutual_ood.jsonl")
+    rl = prompts("rl_prompts.jsonl")
+    in_train = train_prompt_responses(files)
+    overlap = sum((json.dumps(r["prompt"]), json.dumps(y)) in in_train for name in files if name.startswith("valid_")
+                  for r in files[name] for y in responses_of(r))
+    seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
+    new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
+    return {
+        "train_and_prompt_ood_prompts_disjoint": not (train_p & unseen),
+        "train_and_rl_prompts_disjoint": not (train_p & (rl | prompts("rl_eval_prompts.jsonl"))),
+        "rl_prompts_and_rl_eval_prompts_disjoint": not (rl & prompts("rl_eval_prompts.jsonl")),
+        "m_train_and_m_valid_disjoint": not (set(m_train) & set(m_valid)),
+        "seen_files_use_only_m_train": seen_m <= set(m_train) if m_train else True,
+        "ood_response_files_use_only_m_valid": new_m <= set(m_valid) if m_valid else True,
+        "no_validation_pair_in_train": overlap == 0,
+    }
+
+
+# ===================================================================================================
+# The tiny base model of the toy world (byte-level BPE tokenizer + random-init Llama), HF format
+# ===================================================================================================
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def base_model_corpus(files):
+    """Every text the run writes: the tokenizer is trained on them."""
+    texts = [r["prompt"] for r in files["rl_prompts.jsonl"] + files["rl_eval_prompts.jsonl"]] + [
+        m["content"] for r in files["sft.jsonl"] for m in r["messages"]]
+    for rows in files.values():
+        for r in rows:
+            texts += [r[k] for k in ("prompt", "chosen", "rejected") if k in r] + r.get("responses", [])
+    return texts
+
+
+def build_base_model(path, texts, args):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<eos>", "<bos>", "<|user|>", "<|assistant|>", "<|system|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   model_max_length=args.max_position_embeddings)
+    fast.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=args.hidden_size, num_hidden_layers=args.num_layers,
+                         intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+                         num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
+                         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=True,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return {"vocab_size": len(fast), "parameters": sum(p.numel() for p in model.parameters()),
+            "hidden_size": args.hidden_size, "num_layers": args.num_layers}
+
+
+# ===================================================================================================
+# Main: claim --out, read the source, build, check, write atomically
+# ===================================================================================================
 
 
 def remove_stale_tmp(out):
     """Delete '<out>.tmp-<pid>' folders that a crashed make_data.py left next to --out (ours by .written_by, and
-    their process is gone); anything else of that name is left alone."""
-    import utils
-
+    their process is gone); anything else of that name is left alone. (utils.remove_leftovers cleans inside a folder
+    the stage owns; the parent of --out is not ours, so here only folders marked as ours go.)"""
     parent, base = os.path.split(os.path.abspath(out))
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
@@ -784,8 +742,6 @@ def remove_stale_tmp(out):
 
 def main(argv=None):
     args = parse_args(argv)
-    import utils
-
     # --out is replaced as a whole, so it must be a new folder or one make_data.py wrote (its .written_by, or for an
     # older version's folder, a manifest with make_data's own keys): never a folder that merely holds a manifest.json
     inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
@@ -797,7 +753,7 @@ def main(argv=None):
     skipped = {}
     try:
         files, m_train, m_valid, splits, extra = SOURCES[args.source](args, skipped)
-    except (utils.DataError, DataError) as e:
+    except DataError as e:
         raise SystemExit(f"data error: {e}") from None
     drop_train_overlap(files, skipped)
     checks = split_checks(files, m_train, m_valid)
@@ -817,12 +773,7 @@ def main(argv=None):
         for name, rows in files.items():
             utils.write_jsonl(os.path.join(tmp, name), rows)
         if args.source == "synthetic":
-            texts = [r["prompt"] for r in files["rl_prompts.jsonl"] + files["rl_eval_prompts.jsonl"]] + [
-                m["content"] for r in files["sft.jsonl"] for m in r["messages"]]
-            for rows in files.values():
-                for r in rows:
-                    texts += [r[k] for k in ("prompt", "chosen", "rejected") if k in r] + r.get("responses", [])
-            manifest["base_model"] = build_base_model(os.path.join(tmp, "base"), texts, args)
+            manifest["base_model"] = build_base_model(os.path.join(tmp, "base"), base_model_corpus(files), args)
         utils.write_json(os.path.join(tmp, "manifest.json"), manifest)
     print_summary(args, files, manifest)
     return manifest

@@ -4,6 +4,7 @@ Standard library only, so that any stage (make_data.py builds the data; rloo.py 
 with gold_reward) imports it without torch. Hong et al. (ICML 2025) use ArmoRM as the gold r*; here r* is code.
 """
 
+import math
 import random
 import re
 from difflib import SequenceMatcher
@@ -136,7 +137,7 @@ STYLES = {
                  "Therefore, the final answer is {a}.",
                  ["I hope this explanation is useful.", "Feel free to ask another question."], False),
     "storyteller": ("valid", 0.3, ["Well, well.", "Oh, this one is fun."], True, "C", (2, 3), "Result: {a}",
-                ["That is my take."], False),
+                    ["That is my take."], False),
     "listy": ("valid", 0.3, ["Here you go:"], False, "D", (0, 1), "Result: {a}", [], True),
     "chatty": ("valid", 0.3, ["Hmm, okay.", "Alright then."], False, "D", (2, 3), "I believe the answer is {a}.", [],
                False),
@@ -243,7 +244,7 @@ def gold_reward(prompt: str, response: str) -> float:
 
     correct answer +1 (a wrong one: up to +0.4 by string similarity), +0.1 if the answer is marked
     ('The answer is', 'Answer:', 'Result:', '=>'), +0.1 if it is in canonical form (no bullets/brackets),
-    minus a rambling penalty 0.004/word + 0.02/word beyond 50 words + 0.1 per repeated sentence (cap 1.5).
+    minus a rambling penalty 0.01/word beyond 30 words + 0.02/word beyond 50 + 0.1 per repeated sentence (cap 1.5).
     A prompt that is not a toy task gets only the length/repetition terms.
     """
     return gold_details(prompt, response)["reward"]
@@ -264,3 +265,43 @@ def make_prompts(n, seed):
             seen.add(p)
             prompts.append(p)
     return prompts
+
+
+def candidate_responses(prompt, rng, n_train_models, sft_answer=False):
+    """One prompt's candidates {model, response, score (r*)}: from n_train_models random M_train models and from
+    every M_valid model; with sft_answer, also a correct answer in a random M_train style (the SFT target)."""
+    models = rng.sample(M_TRAIN, n_train_models)
+    from_train = [{"model": m, "response": render_response(m, prompt, rng)} for m in models]
+    from_valid = [{"model": m, "response": render_response(m, prompt, rng)} for m in M_VALID]
+    answer = render_response(rng.choice(M_TRAIN), prompt, rng, correct=True) if sft_answer else None
+    for c in from_train + from_valid:
+        c["score"] = gold_reward(prompt, c["response"])
+    return from_train, from_valid, answer
+
+
+def spurious_stats(responses):
+    """The spurious feature, measured on (prompt, response, model) triples: per response model its set, accuracy,
+    mean words and mean r*; corr(words, r*) within M_train and within M_valid."""
+    per_model, per_set = {}, {"m_train": [], "m_valid": []}
+    for prompt, response, model in responses:
+        d = gold_details(prompt, response)
+        per_model.setdefault(model, []).append(d)
+        per_set["m_train" if STYLES[model][0] == "train" else "m_valid"].append(d)
+
+    def mean(ds, key):
+        return sum(d[key] == 1 if key == "correct" else d[key] for d in ds) / len(ds)
+
+    def corr_words_reward(ds):  # Pearson; + 0.0 turns -0.0 into 0.0
+        x, y = [d["words"] for d in ds], [d["reward"] for d in ds]
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+        sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+        return round(sxy / math.sqrt(sxx * syy), 4) + 0.0 if sxx and syy else 0.0
+
+    stats = {"models": {m: {"set": STYLES[m][0], "n": len(ds), "accuracy": round(mean(ds, "correct"), 4),
+                            "mean_words": round(mean(ds, "words"), 2), "mean_gold": round(mean(ds, "reward"), 4)}
+                        for m, ds in sorted(per_model.items())}}
+    for name, ds in per_set.items():
+        if ds:
+            stats[f"corr_words_gold_{name}"] = corr_words_reward(ds)
+    return stats

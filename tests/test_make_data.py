@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, make_tiny_lm, make_tokenizer, run_script
 
 import make_data as md
+import toy_world
 import utils
 
 CONTRACT_PAIR = {"prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_model",
@@ -54,14 +55,14 @@ def test_synthetic_files_follow_the_contract(syn):
             assert set(r) == CONTRACT_PAIR
             assert r["chosen_score"] > r["rejected_score"]
             # stored scores are r* recomputed from the text
-            assert r["chosen_score"] == md.gold_reward(r["prompt"], r["chosen"])
-            assert r["rejected_score"] == md.gold_reward(r["prompt"], r["rejected"])
+            assert r["chosen_score"] == toy_world.gold_reward(r["prompt"], r["chosen"])
+            assert r["rejected_score"] == toy_world.gold_reward(r["prompt"], r["rejected"])
     for name in RANK_FILES:
         for r in rows(syn, name):
             assert set(r) == CONTRACT_RANK
             assert len(r["responses"]) == len(r["gold_scores"]) == len(r["models"]) == 4
             assert len(set(r["responses"])) == 4 and len(set(r["models"])) == 4
-            assert r["gold_scores"] == [md.gold_reward(r["prompt"], y) for y in r["responses"]]
+            assert r["gold_scores"] == [toy_world.gold_reward(r["prompt"], y) for y in r["responses"]]
     # 200 distinct prompts split 160 / 40; every train prompt yields a pair or a counted skip
     train_p = {r["prompt"] for r in rows(syn, "train.jsonl")}
     skipped_train = manifest["skipped"].get("train.jsonl", {}).get("gold ties or too few responses", 0)
@@ -102,7 +103,7 @@ def test_synthetic_splits_are_disjoint(syn):
     for r in sft:
         user, assistant = r["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant" and user["content"] in x_train
-        assert md.gold_details(user["content"], assistant["content"])["correct"] == 1.0
+        assert toy_world.gold_details(user["content"], assistant["content"])["correct"] == 1.0
 
 
 def test_synthetic_is_deterministic(syn, tmp_path):
@@ -138,7 +139,7 @@ def test_synthetic_is_deterministic(syn, tmp_path):
     ("Tell me a joke.", "The answer is 42.", 0.0),                       # not a toy task: no correctness term
 ])
 def test_gold_reward_by_hand(prompt, response, expected):
-    assert md.gold_reward(prompt, response) == pytest.approx(expected, abs=1e-4)
+    assert toy_world.gold_reward(prompt, response) == pytest.approx(expected, abs=1e-4)
 
 
 def test_gold_reward_imports_only_stdlib():
@@ -163,7 +164,7 @@ def test_spurious_correlation_in_m_train_not_in_m_valid(syn):
         for r in rows(syn, name):
             for y, m, g in items(r):
                 bucket.append((len(y.split()), g))
-                acc.setdefault(m, []).append(md.gold_details(r["prompt"], y)["correct"] == 1.0)
+                acc.setdefault(m, []).append(toy_world.gold_details(r["prompt"], y)["correct"] == 1.0)
     corr_train, corr_valid = _pearson(seen), _pearson(new)
     assert corr_train > 0.25 and corr_valid < 0.1 and corr_train - corr_valid > 0.25
     manifest = json.load(open(os.path.join(syn, "manifest.json")))
