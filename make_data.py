@@ -385,7 +385,8 @@ def source_jsonl(args, skipped):
                        (args.mutual_ood_file, "valid_mutual_ood.jsonl")):
         if path:
             files[name] = read_ranking_file(path, skipped, name)
-    for path, name in ((args.rl_prompts_file, "rl_prompts.jsonl"), (args.rl_eval_prompts_file, "rl_eval_prompts.jsonl")):
+    for path, name in ((args.rl_prompts_file, "rl_prompts.jsonl"),
+                       (args.rl_eval_prompts_file, "rl_eval_prompts.jsonl")):
         if path:
             files[name] = read_prompt_file(path)
     return files, [], [], {"train_prompts": len({r["prompt_id"] for r in files["train.jsonl"]})}, {}
@@ -407,8 +408,7 @@ def short_model_name(path):
 def vllm_importable():
     """--generator auto: use vLLM only where it imports (the engine itself comes from utils.vllm_engine)."""
     try:
-        importlib.import_module("vllm")
-        return True
+        return importlib.import_module("vllm") is not None
     except ImportError:
         return False
 
@@ -548,8 +548,13 @@ def models_of(row):
     return [row["chosen_model"], row["rejected_model"]] if "chosen" in row else row.get("models", [])
 
 
+def prompt_response_keys(row):
+    """One (prompt, response) key per response of a row, comparable across files (a prompt may be a message list)."""
+    return [(json.dumps(row["prompt"]), json.dumps(y)) for y in responses_of(row)]
+
+
 def train_prompt_responses(files):
-    return {(json.dumps(r["prompt"]), json.dumps(y)) for r in files.get("train.jsonl", []) for y in responses_of(r)}
+    return {key for r in files.get("train.jsonl", []) for key in prompt_response_keys(r)}
 
 
 def split_prompts(pids, n_train, seed):
@@ -605,11 +610,12 @@ def build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args,
     from M_train / M_valid. Returns {file name: rows}."""
     files = {name: [] for name in SCENARIO_FILES}
     for pid in prompts:  # identical texts from two models: keep the first (M_train before M_valid), count the rest
-        seen = set()
+        seen = set()  # this prompt's response texts so far (the test below adds each text it keeps)
         for cands, name in ((cand_train, "M_train"), (cand_valid, "M_valid")):
             if pid in cands:
-                cands[pid] = keep_counted(cands[pid], lambda c: c["response"] not in seen and not seen.add(c["response"]),
-                                          skipped, "source", f"{name} response identical to another model's")
+                cands[pid] = keep_counted(
+                    cands[pid], lambda c: c["response"] not in seen and not seen.add(c["response"]),
+                    skipped, "source", f"{name} response identical to another model's")
     rng = random.Random(f"{args.seed}-scenarios")
     k = args.pairs_per_prompt
     for pid in train_ids:
@@ -644,9 +650,8 @@ def drop_train_overlap(files, skipped):
     """No (prompt, response) of a validation file may also appear in train.jsonl: such rows are dropped (counted)."""
     in_train = train_prompt_responses(files)
     for name in [n for n in files if n.startswith("valid_")]:
-        files[name] = keep_counted(
-            files[name], lambda r: not any((json.dumps(r["prompt"]), json.dumps(y)) in in_train for y in responses_of(r)),
-            skipped, name, "a response also in train.jsonl for the same prompt")
+        files[name] = keep_counted(files[name], lambda r: not any(k in in_train for k in prompt_response_keys(r)),
+                                   skipped, name, "a response also in train.jsonl for the same prompt")
 
 
 def split_checks(files, m_train, m_valid):
@@ -661,8 +666,8 @@ def split_checks(files, m_train, m_valid):
     unseen = prompts("valid_prompt_ood.jsonl") | prompts("valid_mutual_ood.jsonl")
     rl = prompts("rl_prompts.jsonl")
     in_train = train_prompt_responses(files)
-    overlap = sum((json.dumps(r["prompt"]), json.dumps(y)) in in_train for name in files if name.startswith("valid_")
-                  for r in files[name] for y in responses_of(r))
+    overlap = sum(k in in_train for name in files if name.startswith("valid_") for r in files[name]
+                  for k in prompt_response_keys(r))
     seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
     new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
     return {
