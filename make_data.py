@@ -423,9 +423,9 @@ def generate_responses(args, prompts, skipped):
                                             and torch.cuda.is_available())
     pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
     conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
+    generate = generate_with_vllm if use_vllm else generate_with_transformers
     out = {pid: [] for pid in pids}
     for name in models:
-        generate = generate_with_vllm if use_vllm else generate_with_transformers
         texts = generate(name, conversations, args)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,4 +1,5 @@
-"""The toy world of `make_data.py --source synthetic`: task families, response models, and the gold reward r*(x, y).
+"""The toy world of `make_data.py --source synthetic`: task families, response models, the gold reward r*(x, y),
+and the statistics of its spurious feature (wordier M_train models are more accurate).
 
 Standard library only, so that any stage (make_data.py builds the data; rloo.py --gold synthetic and tests score
 with gold_reward) imports it without torch. Hong et al. (ICML 2025) use ArmoRM as the gold r*; here r* is code.
