@@ -281,6 +281,15 @@ def read_json(path):
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
+def read_json_or_none(path):
+    """A small JSON file of ours (a config, an owner mark), or None when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def write_jsonl(path, rows):
     """Write rows atomically (temp file + rename): a crash never leaves a half-written file."""
     with atomic_path(path) as tmp:
@@ -752,7 +761,7 @@ def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra_json or {}).items():
             write_json(os.path.join(tmp, name), obj)
-        maybe_fault("in_save")
+        maybe_fault("in_save")  # test-only crash point (BSR_FAULT, see maybe_fault)
 
 
 def publish_checkpoint(src_dir, dst_dir):
@@ -780,7 +789,7 @@ def save_train_state(engine, resume_dir, step):
     torch.distributed.barrier()
     if is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
-        maybe_fault("in_resume_save")
+        maybe_fault("in_resume_save")  # test-only crash point
         os.replace(tmp, os.path.join(resume_dir, name))
         with atomic_path(os.path.join(resume_dir, "latest")) as t:
             with open(t, "w") as f:
@@ -934,17 +943,9 @@ OWNER_FILE = ".written_by"
 _LEFTOVER = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_path's temporary names
 
 
-def _json_or_none(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def folder_owner(out):
     """The stage named in out/.written_by, or None."""
-    owner = _json_or_none(os.path.join(out, OWNER_FILE))
+    owner = read_json_or_none(os.path.join(out, OWNER_FILE))
     return owner.get("stage") if isinstance(owner, dict) else None
 
 
@@ -978,7 +979,7 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
         raise SystemExit(f"--out {out} is an existing file, not a folder: choose another --out")
     if os.path.isdir(out) and os.listdir(out):
         owner = folder_owner(out)
-        config = legacy and owner is None and _json_or_none(os.path.join(out, legacy[0]))
+        config = legacy and owner is None and read_json_or_none(os.path.join(out, legacy[0]))
         if owner != stage and not (isinstance(config, dict) and all(k in config for k in legacy[1])):
             by = f"written by {owner}" if owner else f"not written by {stage}"
             raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
