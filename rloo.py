@@ -80,11 +80,16 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import utils
+from toy_world import gold_reward
+from utils import print0
 
 # ===================================================================================================
 # ALGORITHM CORE: log-probs, KL, leave-one-out advantages, the loss (torch only)
@@ -218,7 +223,7 @@ def parse_args(argv=None):
 
 
 # ===================================================================================================
-# Data: prompts, with errors naming file:line:field and counted skips
+# Data: prompts (errors name file:line:field, skips are counted), batch sizes, stop tokens
 # ===================================================================================================
 
 
@@ -252,6 +257,58 @@ def load_prompts(source, split, tokenizer, max_prompt_length, max_rows=None):
 def prompt_text(p):
     """The prompt as one string (for gold_reward): as given, or the last user message of a chat."""
     return p["prompt"] if isinstance(p["prompt"], str) else [m for m in p["messages"] if m["role"] == "user"][-1]["content"]
+
+
+def batch_sizes(args, world):
+    """(grad_accum, prompts_per_step, prompts_per_rank) for B = --global-batch-size completions per optimizer step.
+
+    A micro-batch holds whole prompt groups (the leave-one-out baseline needs the k samples of a prompt together).
+    """
+    micro_batch, k = args.micro_batch_size, args.k
+    if micro_batch % k:
+        raise SystemExit(f"--micro-batch-size {micro_batch} must be a multiple of --k {k} "
+                         "(whole prompt groups per forward)")
+    per_micro_step = micro_batch * world  # completions in one forward/backward over all ranks
+    if args.global_batch_size % per_micro_step:
+        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                         f"--micro-batch-size x world size = {micro_batch} x {world}")
+    prompts_per_step = args.global_batch_size // k
+    return args.global_batch_size // per_micro_step, prompts_per_step, prompts_per_step // world
+
+
+def stop_token_ids(tokenizer, policy):
+    """The ids that end a response: eos, the chat template's end-of-turn token, and the eos ids of the policy's
+    generation_config.json (sft.py writes eos + end-of-turn there)."""
+    stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
+    eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id if os.path.exists(
+        os.path.join(policy, "generation_config.json")) else None
+    return stop_ids | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
+
+
+def load_data(args, tokenizer, prompts_per_step):
+    """The training and held-out prompts, and {name: {reason: count}} of the skipped rows."""
+    try:
+        prompts, skipped = load_prompts(args.prompts, args.prompts_split, tokenizer, args.max_prompt_length,
+                                        args.max_prompts)
+        gold_prompts, gold_skipped = (load_prompts(args.gold_prompts, "train", tokenizer, args.max_prompt_length,
+                                                   args.gold_max_prompts) if args.gold_prompts else ([], {}))
+    except utils.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    for name, counts in (("prompts", skipped), ("gold prompts", gold_skipped)):
+        for reason, count in counts.items():
+            print0(f"[data] {name}: skipped {count} rows ({reason})")
+    if len(prompts) < prompts_per_step:
+        raise SystemExit(f"{args.prompts}: {len(prompts)} usable prompts, fewer than one batch "
+                         f"({args.global_batch_size} completions / k {args.k} = {prompts_per_step} prompts)")
+    return prompts, gold_prompts, {"prompts": skipped, "gold_prompts": gold_skipped}
+
+
+def step_prompts(prompts, step, steps_per_epoch, prompts_per_step, prompts_per_rank, rank, seed):
+    """This rank's prompts of a step: a seeded shuffle per epoch cut into steps, then into ranks."""
+    epoch, in_epoch = divmod(step, steps_per_epoch)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    batch = perm[in_epoch * prompts_per_step: (in_epoch + 1) * prompts_per_step]
+    return [prompts[i] for i in batch[rank * prompts_per_rank: (rank + 1) * prompts_per_rank]]
 
 
 # ===================================================================================================
@@ -289,7 +346,7 @@ def generate_vllm(llm, prompt_ids, args, stop_ids, seed):
     """Sample one response per prompt with vLLM: same temperature / top-p / no top-k / stop tokens / length
     as generate_hf; request i gets its own seed from (seed, i), so its draw does not depend on the batch.
     Returns [(response ids, finished)] like generate_hf."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional (--vllm) and heavy: imported only where it is used
 
     params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=0, min_p=0.0,
                              repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
@@ -316,7 +373,7 @@ def sync_vllm_weights(llm, module, zero3):
     all ranks walk the same list) and hands over a copy, because vLLM buffers a layer's tensors until the
     layer is complete while GatheredParameters frees the full tensor on exit.
     """
-    import deepspeed
+    import deepspeed  # after utils.quiet_libraries() (it logs on import), like every deepspeed import here
 
     def named_weights():
         for name, param in module.named_parameters():
@@ -328,6 +385,273 @@ def sync_vllm_weights(llm, module, zero3):
 
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights()})
     llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+def start_vllm(args, prompts, gold_prompts, dtype, rank):
+    """The rank's colocated vLLM engine, sized for the longest prompt + --max-new-tokens."""
+    longest = max(len(p["ids"]) for p in prompts + gold_prompts)
+    return utils.vllm_engine(
+        args.policy, max_model_len=longest + args.max_new_tokens, dtype=dtype, seed=args.seed + rank,
+        colocated=True, needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_gb=args.vllm_kv_cache_gb,
+        generation_config="vllm")  # no sampling defaults from the model's generation_config: ours only
+
+
+def generate_batch(run, prompt_ids, seed):
+    """One sampled response per prompt id list (this rank): [(response ids, finished)]."""
+    if run.llm is not None:
+        if not run.vllm_synced:  # the trainer's weights changed since the engine last got them
+            sync_vllm_weights(run.llm, run.engine.module, run.zero3)
+            run.vllm_synced = True
+        return generate_vllm(run.llm, prompt_ids, run.args, run.stop_ids, seed)
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    torch.manual_seed(seed)
+    module = run.engine.module
+    saved_cfg, module.generation_config = module.generation_config, GenerationConfig()  # only our settings
+    module.eval()  # use_cache is refused in train mode with gradient checkpointing
+    try:
+        with unwrap_model_for_generation(run.engine) if run.zero3 else nullcontext():
+            return generate_hf(module, prompt_ids, run.gen_config, run.tokenizer.pad_token_id, run.stop_ids,
+                               run.device, run.args.gen_batch_size or len(prompt_ids))
+    finally:
+        module.generation_config = saved_cfg
+        module.train()
+
+
+# ===================================================================================================
+# Models: the policy (trained), its frozen reference, the proxy RM and the gold RM
+# ===================================================================================================
+
+
+def load_causal_lm(path, dtype, attn_implementation):
+    """A causal LM with dropout off (the log-probs of the loss and the KL must be deterministic), no KV cache."""
+    config = AutoConfig.from_pretrained(path)
+    for key, value in list(config.to_dict().items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    config.use_cache = False
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw)
+
+
+def frozen(model, zero3, ds_config, device):
+    """An inference-only model: a DeepSpeed ZeRO-3 engine without optimizer (stays partitioned), or on device."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    model.eval()
+    if zero3:
+        eng, *_ = deepspeed.initialize(model=model, config=ds_config)
+        eng.eval()
+        return eng
+    return model.to(device)
+
+
+def linear_warmup_decay(warmup, total_steps):
+    """LambdaLR factor: linear warmup over `warmup` steps, then linear decay to 0 (s = finished optimizer steps)."""
+    def lr_lambda(s):
+        if s < warmup:
+            return (s + 1) / max(1, warmup)
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup))
+    return lr_lambda
+
+
+def load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps):
+    """The policy as a DeepSpeed engine (AdamW, linear warmup then decay), the frozen reference (the same SFT
+    checkpoint), the proxy RM and the gold RM (--gold-model); returned in a namespace with the gold tokenizer."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # ZeRO-3: the models are partitioned while they load, as long as this object lives (the caller keeps it)
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None
+    policy = load_causal_lm(args.policy, dtype, args.attn_implementation)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref = frozen(load_causal_lm(args.policy, dtype, args.attn_implementation), zero3, ds_config, device)
+    rm = frozen(utils.RewardModel(utils.load_reward_model(args.reward_model, rm_tokenizer, dtype,
+                                                          args.attn_implementation)), zero3, ds_config, device)
+    gold_model = gold_tokenizer = None
+    if args.gold_model:
+        gold_hf, gold_tokenizer = utils.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
+        gold_model = frozen(gold_hf, zero3, ds_config, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_warmup_decay(math.ceil(args.warmup_ratio * total_steps), total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return SimpleNamespace(engine=engine, scheduler=scheduler, ref=ref, rm=rm, gold_model=gold_model,
+                           gold_tokenizer=gold_tokenizer, hf_ds_config=hf_ds_config)
+
+
+# ===================================================================================================
+# One RLOO step: score, train, log (`run` holds the models and settings main() set up)
+# ===================================================================================================
+
+
+def response_texts(run, responses):
+    """The responses as text, stop tokens removed (what the RM and the gold reward read)."""
+    return [run.tokenizer.decode([t for t in r if t not in run.stop_ids], skip_special_tokens=True)
+            for r in responses]
+
+
+def score_batch(run, group, responses, finished):
+    """Proxy RM scores of this rank's responses, in the RM's own tokenizer and chat format: (raw, penalised), where
+    penalised subtracts --missing-eos-penalty from a response cut at --max-new-tokens."""
+    rm_seqs = [utils.encode_prompt_response(run.rm_tokenizer, p["messages"], text, run.args.rm_max_length,
+                                            truncate=True)
+               for p, text in zip(group, response_texts(run, responses))]
+    all_seqs = [s for part in utils.gather_objects(rm_seqs) for s in part]  # scored sharded over all ranks
+    all_scores = utils.score_sequences(run.rm, all_seqs, run.rm_tokenizer.pad_token_id, run.device,
+                                       run.args.rm_batch_size)[0]
+    raw_scores = all_scores[run.rank * len(group): (run.rank + 1) * len(group)]
+    return raw_scores, raw_scores - run.args.missing_eos_penalty * (~finished).float()
+
+
+def train_step(run, group, responses, scores, step):
+    """KL, advantages and the policy-gradient update over grad_accum micro-batches (one optimizer step).
+    Returns this rank's per-sample statistics for the log."""
+    micro_batch, pad_id, T = run.args.micro_batch_size, run.tokenizer.pad_token_id, run.args.temperature
+    stats = {"kl": [], "rlhf": [], "adv": [], "loss": [], "ent_sum": 0.0, "ent_n": 0.0}
+    for g in range(run.grad_accum):
+        sl = slice(g * micro_batch, (g + 1) * micro_batch)
+        p_ids, r_ids = [p["ids"] for p in group[sl]], responses[sl]
+        logp, mask, entropy = response_logprobs(run.engine, p_ids, r_ids, pad_id, T, run.device, with_entropy=True)
+        with torch.no_grad():
+            ref_logp, _, _ = response_logprobs(run.ref, p_ids, r_ids, pad_id, T, run.device)
+        loss, kl, rlhf, adv = rloo_loss(logp, ref_logp, mask, scores[sl].to(run.device), run.args.k, run.args.beta)
+        if utils.fault_here("nan"):
+            loss = loss * float("nan")
+        finite = torch.isfinite(loss.detach()).float()
+        if run.world > 1:  # all ranks must agree to stop
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() == 0:
+            print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping, the update was "
+                   f"not applied. {utils.last_good_state(run.args.out)}")
+            raise SystemExit(1)
+        run.engine.backward(loss)
+        run.engine.step()
+        stats["kl"] += kl.tolist()
+        stats["rlhf"] += rlhf.tolist()
+        stats["adv"] += adv.tolist()
+        stats["loss"].append(loss.item())
+        stats["ent_sum"] += (entropy * mask).sum().item()
+        stats["ent_n"] += mask.sum().item()
+    run.vllm_synced = False  # the next generation (training step or gold evaluation) syncs first
+    return stats
+
+
+def log_row(step, epoch_progress, stats, raw_scores, responses, finished, times, lr):
+    """The step's metrics row, over all ranks (the slowest rank's times)."""
+    local = {**stats, "raw": raw_scores.tolist(), "len": [len(r) for r in responses],
+             "no_eos": (~finished).float().tolist(), "t": times}
+    parts = utils.gather_objects(local)
+    cat = {key: [x for part in parts for x in part[key]]
+           for key in ("kl", "rlhf", "adv", "loss", "raw", "len", "no_eos")}
+    t = torch.tensor([part["t"] for part in parts]).max(dim=0).values.tolist()
+    raw, adv_all = torch.tensor(cat["raw"]), torch.tensor(cat["adv"])
+    return {"step": step + 1, "epoch": epoch_progress,
+            "train/proxy_reward": raw.mean().item(), "train/proxy_reward_std": raw.std().item(),
+            "train/rlhf_reward": sum(cat["rlhf"]) / len(cat["rlhf"]), "train/kl": sum(cat["kl"]) / len(cat["kl"]),
+            "train/response_length": sum(cat["len"]) / len(cat["len"]),
+            "train/no_eos_fraction": sum(cat["no_eos"]) / len(cat["no_eos"]),
+            "train/entropy": sum(p["ent_sum"] for p in parts) / max(1.0, sum(p["ent_n"] for p in parts)),
+            "train/advantage_mean": adv_all.mean().item(), "train/advantage_std": adv_all.std().item(),
+            "train/loss": sum(cat["loss"]) / len(cat["loss"]), "train/lr": lr,
+            "time/generation": t[0], "time/scoring": t[1], "time/training": t[2]}
+
+
+def append_jsonl(path, rows):
+    """Append rows to a JSONL log (rank 0 writes)."""
+    if utils.is_rank0():
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+# ===================================================================================================
+# Gold evaluation on held-out prompts (Figure 5c-d, Table 3)
+# ===================================================================================================
+
+
+def gold_forward(gold_model, input_ids, attention_mask):
+    """utils.score_sequences's model_fn for the gold RM: (r*, a dummy hidden state)."""
+    score = utils.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+    return score, torch.zeros(len(input_ids), 1, device=input_ids.device)
+
+
+def evaluate_gold(run, step):
+    """One sample per held-out prompt (fixed seed), scored by r*; logs the metrics row and every sample."""
+    args, gold_prompts = run.args, run.gold_prompts
+    mine = list(range(run.rank, len(gold_prompts), run.world))
+    t0 = time.time()
+    gens = generate_batch(run, [gold_prompts[i]["ids"] for i in mine], seed=args.seed * 1_000_003 + 999_983 + run.rank)
+    texts = response_texts(run, [g for g, _ in gens])
+    local = [(i, texts[j], len(g), fin) for j, (i, (g, fin)) in enumerate(zip(mine, gens))]
+    items = sorted((x for part in utils.gather_objects(local) for x in part), key=lambda x: x[0])
+    if run.gold_model is not None:
+        seqs = [utils.encode_prompt_response(run.gold_tokenizer, gold_prompts[i]["messages"], text)
+                for i, text, _, _ in items]
+        scores = utils.score_sequences(partial(gold_forward, run.gold_model), seqs, run.gold_tokenizer.pad_token_id,
+                                       run.device, args.gold_batch_size)[0].tolist()
+    else:
+        scores = [float(gold_reward(prompt_text(gold_prompts[i]), text)) for i, text, _, _ in items]
+    n = len(items)
+    g = torch.tensor(scores, dtype=torch.float64)
+    row = {"step": step, "gold/reward": g.mean().item(),
+           "gold/reward_std": g.std().item() if n > 1 else 0.0,
+           "gold/reward_sem": g.std().item() / math.sqrt(n) if n > 1 else 0.0,
+           "gold/response_length": sum(x[2] for x in items) / n,
+           "gold/response_chars": sum(len(x[1]) for x in items) / n,
+           "gold/no_eos_fraction": sum(not x[3] for x in items) / n, "gold/prompts": n,
+           "time/gold": time.time() - t0}
+    append_jsonl(run.samples_path, [{"step": step, "prompt_id": gold_prompts[i]["id"],
+                                     "prompt": gold_prompts[i]["prompt"], "response": text, "gold_reward": s,
+                                     "length": length, "eos": fin} for (i, text, length, fin), s in zip(items, scores)])
+    append_jsonl(run.metrics_path, [row])
+    print0(f"\n[gold] step {step}: r* {row['gold/reward']:.4f} ± {row['gold/reward_sem']:.4f}, "
+           f"length {row['gold/response_length']:.1f} tokens")
+    return row
+
+
+# ===================================================================================================
+# Resume or fresh start, and the final save
+# ===================================================================================================
+
+
+def start_or_resume(run, resume_dir, saved_config, fresh_config):
+    """(start step, the run's config). --resume restores the state and drops log rows after it; a fresh start
+    clears the logs and writes rloo_config.json (a resumed run keeps the one written at its start)."""
+    if run.args.resume:
+        start_step = utils.load_train_state(run.engine, resume_dir, run.metrics_path)
+        if utils.is_rank0():
+            utils.truncate_torn_jsonl(run.samples_path, lambda r: r.get("step", 0) <= start_step)
+        return start_step, saved_config
+    if utils.is_rank0():
+        for path in (run.metrics_path, run.samples_path):
+            if os.path.exists(path):
+                os.remove(path)
+        utils.write_json(os.path.join(run.args.out, "rloo_config.json"), fresh_config)
+    return 0, fresh_config
+
+
+def save_final(run, run_config, total_steps):
+    """The final policy (HF causal LM at --out), then on rank 0 the plots and the summary."""
+    args, metrics_path = run.args, run.metrics_path
+    final = os.path.join(args.out, "final")
+    run.engine.module.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
+    utils.save_hf_checkpoint(run.engine.module, utils.consolidated_state_dict(run.engine), run.tokenizer, final,
+                             {"rloo_config.json": run_config}, prefix="")
+    torch.distributed.barrier()
+    utils.publish_checkpoint(final, args.out)
+    if utils.is_rank0():
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f]
+        make_plots(args.out, rows, f"RM {utils.model_label(args.reward_model)}")
+        write_summary(args.out, rows, args, total_steps)
+        with open(os.path.join(args.out, "summary.md")) as f:
+            print0("\n" + f.read())
+    torch.distributed.barrier()
 
 
 # ===================================================================================================
@@ -408,7 +732,7 @@ def write_summary(out, rows, args, total_steps):
 
 
 # ===================================================================================================
-# Main
+# Main: args -> data -> models -> loop (generate, score, train, log, gold) -> save
 # ===================================================================================================
 
 
@@ -419,13 +743,6 @@ def main(argv=None):
                        ("--gold-model", args.gold_model)):
         if name:
             utils.check_model_source(name, flag)
-    import deepspeed
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from utils import DataError, print0
-
     resume_dir = os.path.join(args.out, "resume")
     utils.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
                                               ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
@@ -433,54 +750,30 @@ def main(argv=None):
                         legacy=("rloo_config.json", ("args", "ds_config")), create=False,
                         resume=bool(args.resume))
     utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
-    rank, world, local_rank, device = utils.init_distributed()
+    rank, world, _, device = utils.init_distributed()
     utils.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
     utils.remove_leftovers(args.out)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
-    mb, k = args.micro_batch_size, args.k
-    if mb % k:
-        raise SystemExit(f"--micro-batch-size {mb} must be a multiple of --k {k} (whole prompt groups per forward)")
-    if args.global_batch_size % (mb * world):
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size x world size = {mb} x {world}")
-    grad_accum = args.global_batch_size // (mb * world)
-    prompts_per_step, prompts_per_rank = args.global_batch_size // k, args.global_batch_size // k // world
-    gold_reward = None
-    if args.gold == "synthetic":
-        from toy_world import gold_reward
+    grad_accum, prompts_per_step, prompts_per_rank = batch_sizes(args, world)
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.policy)
     rm_tokenizer = utils.load_tokenizer(args.reward_model)
-    try:
-        prompts, skipped = load_prompts(args.prompts, args.prompts_split, tokenizer, args.max_prompt_length,
-                                        args.max_prompts)
-        gold_prompts, gold_skipped = (load_prompts(args.gold_prompts, "train", tokenizer, args.max_prompt_length,
-                                                   args.gold_max_prompts) if args.gold_prompts else ([], {}))
-    except DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    for name, sk in (("prompts", skipped), ("gold prompts", gold_skipped)):
-        for reason, count in sk.items():
-            print0(f"[data] {name}: skipped {count} rows ({reason})")
-    if len(prompts) < prompts_per_step:
-        raise SystemExit(f"{args.prompts}: {len(prompts)} usable prompts, fewer than one batch "
-                         f"({args.global_batch_size} completions / k {k} = {prompts_per_step} prompts)")
+    prompts, gold_prompts, skipped = load_data(args, tokenizer, prompts_per_step)
     steps_per_epoch = len(prompts) // prompts_per_step
     total_steps = steps_per_epoch * args.epochs
-    stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
-    eos_cfg = GenerationConfig.from_pretrained(args.policy).eos_token_id if os.path.exists(
-        os.path.join(args.policy, "generation_config.json")) else None
-    stop_ids |= set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
+    stop_ids = stop_token_ids(tokenizer, args.policy)
     print0(f"[data] {len(prompts)} prompts, {len(gold_prompts)} held-out gold prompts; {prompts_per_step} prompts x "
-           f"k {k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps")
-    print0(f"[batch] global {args.global_batch_size} completions = micro {mb} x world {world} x accumulation "
-           f"{grad_accum}; stop tokens {sorted(stop_ids)} {tokenizer.convert_ids_to_tokens(sorted(stop_ids))}")
+           f"k {args.k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps")
+    print0(f"[batch] global {args.global_batch_size} completions = micro {args.micro_batch_size} x world {world} x "
+           f"accumulation {grad_accum}; stop tokens {sorted(stop_ids)} "
+           f"{tokenizer.convert_ids_to_tokens(sorted(stop_ids))}")
 
     # ---------------------------------------------------------------- models (partitioned while loading)
     hidden_size = AutoConfig.from_pretrained(args.policy).get_text_config().hidden_size
     ds_config, zero3 = utils.training_ds_config(
-        args.ds_config, global_batch=args.global_batch_size, micro_batch=mb, grad_accum=grad_accum,
+        args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size, grad_accum=grad_accum,
         max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
         world_size=world)
     data_fingerprints = {"prompts": utils.fingerprint(args.prompts),
@@ -489,250 +782,63 @@ def main(argv=None):
     if args.resume:  # before the models load: a refused resume costs seconds
         saved_config = utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
                                           RESUME_MAY_CHANGE, data_fingerprints)
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
-
-    def load_lm(path):
-        config = AutoConfig.from_pretrained(path)
-        for key, value in list(config.to_dict().items()):  # deterministic log-probs: no dropout
-            if "dropout" in key and isinstance(value, float):
-                setattr(config, key, 0.0)
-        config.use_cache = False
-        kw = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw)
-
-    def frozen(model):
-        """An inference-only model: a DeepSpeed ZeRO-3 engine without optimizer (stays partitioned), or on device."""
-        model.requires_grad_(False)
-        model.eval()
-        if zero3:
-            eng, *_ = deepspeed.initialize(model=model, config=ds_config)
-            eng.eval()
-            return eng
-        return model.to(device)
-
-    policy = load_lm(args.policy)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref = frozen(load_lm(args.policy))
-    rm = frozen(utils.RewardModel(utils.load_reward_model(args.reward_model, rm_tokenizer, dtype,
-                                                          args.attn_implementation)))
-    gold_model = None
-    if args.gold_model:
-        gold_hf, gold_tokenizer = utils.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
-        gold_model = frozen(gold_hf)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup
-                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    models = load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps)
     gen_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, use_cache=True,
                                   eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
-    llm, vllm_synced = None, True
-    if args.vllm:
-        longest = max(len(p["ids"]) for p in prompts + gold_prompts)
-        llm = utils.vllm_engine(
-            args.policy, max_model_len=longest + args.max_new_tokens, dtype=dtype, seed=args.seed + rank,
-            colocated=True, needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_gb=args.vllm_kv_cache_gb,
-            generation_config="vllm")  # no sampling defaults from the model's generation_config: ours only
-        vllm_synced = False  # the first generation pushes the trainer's weights (the restored ones after --resume)
-
-    def generate(prompt_ids, seed):
-        """One sampled response per prompt id list (this rank): [(response ids, finished)]."""
-        nonlocal vllm_synced
-        if llm is not None:
-            if not vllm_synced:  # the trainer's weights changed since the engine last got them
-                sync_vllm_weights(llm, engine.module, zero3)
-                vllm_synced = True
-            return generate_vllm(llm, prompt_ids, args, stop_ids, seed)
-        torch.manual_seed(seed)
-        module = engine.module
-        saved_cfg, module.generation_config = module.generation_config, GenerationConfig()  # only our settings
-        module.eval()  # use_cache is refused in train mode with gradient checkpointing
-        try:
-            with unwrap_model_for_generation(engine) if zero3 else nullcontext():
-                return generate_hf(module, prompt_ids, gen_config, tokenizer.pad_token_id, stop_ids, device,
-                                   args.gen_batch_size or len(prompt_ids))
-        finally:
-            module.generation_config = saved_cfg
-            module.train()
-
-    def rm_fn(input_ids, attention_mask):
-        return rm(input_ids, attention_mask)
-
-    def gold_fn(input_ids, attention_mask):
-        score = utils.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
-        return score, torch.zeros(len(input_ids), 1, device=input_ids.device)
+    llm = start_vllm(args, prompts, gold_prompts, dtype, rank) if args.vllm else None
+    run = SimpleNamespace(**vars(models), args=args, rank=rank, world=world, device=device, zero3=zero3,
+                          grad_accum=grad_accum, tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, stop_ids=stop_ids,
+                          gen_config=gen_config, llm=llm, gold_prompts=gold_prompts,
+                          vllm_synced=False,  # the first generation pushes the trainer's (restored) weights
+                          metrics_path=os.path.join(args.out, "metrics.jsonl"),
+                          samples_path=os.path.join(args.out, "gold_samples.jsonl"))
 
     # ---------------------------------------------------------------- resume / fresh start
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    samples_path = os.path.join(args.out, "gold_samples.jsonl")
-    start_step = 0
-    if args.resume:  # the run's rloo_config.json stays as it was written at its start
-        start_step = utils.load_train_state(engine, resume_dir, metrics_path)
-        if utils.is_rank0():
-            utils.truncate_torn_jsonl(samples_path, lambda r: r.get("step", 0) <= start_step)
-        run_config = saved_config
+    start_step, run_config = start_or_resume(run, resume_dir, saved_config, {
+        "args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
+        "gold_prompts": len(gold_prompts), "skipped": skipped, "stop_token_ids": sorted(stop_ids),
+        "data_fingerprints": data_fingerprints, "ds_config": ds_config})
+    if args.resume:
         print0(f"[resume] at step {start_step}/{total_steps}")
-    else:
-        if utils.is_rank0():
-            for path in (metrics_path, samples_path):
-                if os.path.exists(path):
-                    os.remove(path)
-        run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
-                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
-                      "gold_prompts": len(gold_prompts), "skipped": {"prompts": skipped, "gold_prompts": gold_skipped},
-                      "stop_token_ids": sorted(stop_ids), "data_fingerprints": data_fingerprints,
-                      "ds_config": ds_config}
-        if utils.is_rank0():
-            utils.write_json(os.path.join(args.out, "rloo_config.json"), run_config)
-
-    def log(row):
-        if utils.is_rank0():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # ---------------------------------------------------------------- gold evaluation on held-out prompts
-    def gold_eval(step):
-        mine = list(range(rank, len(gold_prompts), world))
-        t0 = time.time()
-        gens = generate([gold_prompts[i]["ids"] for i in mine], seed=args.seed * 1_000_003 + 999_983 + rank)
-        texts = [tokenizer.decode([t for t in g if t not in stop_ids], skip_special_tokens=True) for g, _ in gens]
-        local = [(i, texts[j], len(g), fin) for j, (i, (g, fin)) in enumerate(zip(mine, gens))]
-        items = sorted((x for part in utils.gather_objects(local) for x in part), key=lambda x: x[0])
-        if gold_model is not None:
-            seqs = [utils.encode_prompt_response(gold_tokenizer, gold_prompts[i]["messages"], text)
-                    for i, text, _, _ in items]
-            scores = utils.score_sequences(gold_fn, seqs, gold_tokenizer.pad_token_id, device,
-                                           args.gold_batch_size)[0].tolist()
-        else:
-            scores = [float(gold_reward(prompt_text(gold_prompts[i]), text)) for i, text, _, _ in items]
-        n = len(items)
-        g = torch.tensor(scores, dtype=torch.float64)
-        row = {"step": step, "gold/reward": g.mean().item(),
-               "gold/reward_std": g.std().item() if n > 1 else 0.0,
-               "gold/reward_sem": g.std().item() / math.sqrt(n) if n > 1 else 0.0,
-               "gold/response_length": sum(x[2] for x in items) / n,
-               "gold/response_chars": sum(len(x[1]) for x in items) / n,
-               "gold/no_eos_fraction": sum(not x[3] for x in items) / n, "gold/prompts": n,
-               "time/gold": time.time() - t0}
-        if utils.is_rank0():
-            with open(samples_path, "a") as f:
-                for (i, text, length, fin), s in zip(items, scores):
-                    f.write(json.dumps({"step": step, "prompt_id": gold_prompts[i]["id"], "prompt": gold_prompts[i]["prompt"],
-                                        "response": text, "gold_reward": s, "length": length, "eos": fin}) + "\n")
-        log(row)
-        print0(f"\n[gold] step {step}: r* {row['gold/reward']:.4f} ± {row['gold/reward_sem']:.4f}, "
-               f"length {row['gold/response_length']:.1f} tokens")
-        return row
-
     if gold_prompts and start_step == 0:
-        gold_eval(0)  # the SFT policy (Table 3's first row)
+        evaluate_gold(run, 0)  # the SFT policy (Table 3's first row)
 
     # ---------------------------------------------------------------- training loop
-    engine.train()
+    run.engine.train()
     bar = utils.progress(total=total_steps, initial=start_step, desc="rloo", disable=not utils.is_rank0())
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-        batch = perm[in_epoch * prompts_per_step: (in_epoch + 1) * prompts_per_step]
-        my_prompts = [prompts[i] for i in batch[rank * prompts_per_rank: (rank + 1) * prompts_per_rank]]
-        group = [p for p in my_prompts for _ in range(k)]  # the k samples of a prompt are adjacent
+        my_prompts = step_prompts(prompts, step, steps_per_epoch, prompts_per_step, prompts_per_rank, rank, args.seed)
+        group = [p for p in my_prompts for _ in range(args.k)]  # the k samples of a prompt are adjacent
         utils.set_fault_step(step + 1)
-        lr_now = scheduler.get_last_lr()[0]
+        lr_now = run.scheduler.get_last_lr()[0]
 
-        # -------------------------------------------------------- 1. generation
-        t0 = time.time()
-        gens = generate([p["ids"] for p in group], seed=args.seed * 1_000_003 + step * 1_009 + rank)
+        t0 = time.time()  # 1. sample k responses per prompt
+        gens = generate_batch(run, [p["ids"] for p in group], seed=args.seed * 1_000_003 + step * 1_009 + rank)
         responses = [g for g, _ in gens]
         finished = torch.tensor([fin for _, fin in gens], dtype=torch.bool)
-        t_gen = time.time() - t0
-
-        # -------------------------------------------------------- 2. proxy reward (RM's own tokenizer and format)
-        t0 = time.time()
-        texts = [tokenizer.decode([t for t in r if t not in stop_ids], skip_special_tokens=True) for r in responses]
-        rm_seqs = [utils.encode_prompt_response(rm_tokenizer, p["messages"], text, args.rm_max_length, truncate=True)
-                   for p, text in zip(group, texts)]
-        all_seqs = [s for part in utils.gather_objects(rm_seqs) for s in part]
-        all_scores = utils.score_sequences(rm_fn, all_seqs, rm_tokenizer.pad_token_id, device, args.rm_batch_size)[0]
-        raw_scores = all_scores[rank * len(group): (rank + 1) * len(group)]
-        scores = raw_scores - args.missing_eos_penalty * (~finished).float()
-        t_score = time.time() - t0
-
-        # -------------------------------------------------------- 3-5. KL, advantages, policy gradient
-        t0 = time.time()
-        stats = {"kl": [], "rlhf": [], "adv": [], "loss": [], "ent_sum": 0.0, "ent_n": 0.0}
-        for g in range(grad_accum):
-            sl = slice(g * mb, (g + 1) * mb)
-            p_ids, r_ids = [p["ids"] for p in group[sl]], responses[sl]
-            logp, mask, entropy = response_logprobs(engine, p_ids, r_ids, tokenizer.pad_token_id, args.temperature,
-                                                    device, with_entropy=True)
-            with torch.no_grad():
-                ref_logp, _, _ = response_logprobs(ref, p_ids, r_ids, tokenizer.pad_token_id, args.temperature, device)
-            loss, kl, rlhf, adv = rloo_loss(logp, ref_logp, mask, scores[sl].to(device), k, args.beta)
-            if utils.fault_here("nan"):
-                loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:  # all ranks must agree to stop
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() == 0:
-                print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping, the update was "
-                       f"not applied. {utils.last_good_state(args.out)}")
-                raise SystemExit(1)
-            engine.backward(loss)
-            engine.step()
-            stats["kl"] += kl.tolist()
-            stats["rlhf"] += rlhf.tolist()
-            stats["adv"] += adv.tolist()
-            stats["loss"].append(loss.item())
-            stats["ent_sum"] += (entropy * mask).sum().item()
-            stats["ent_n"] += mask.sum().item()
-        vllm_synced = False  # the next generation (training step or gold evaluation) syncs first
+        t_gen, t0 = time.time() - t0, time.time()  # 2. proxy reward
+        raw_scores, scores = score_batch(run, group, responses, finished)
+        t_score, t0 = time.time() - t0, time.time()  # 3-5. KL, advantages, policy gradient
+        stats = train_step(run, group, responses, scores, step)
         utils.maybe_fault("after_step")
         t_train = time.time() - t0
 
-        # -------------------------------------------------------- per-step log (global over ranks)
-        local = {**stats, "raw": raw_scores.tolist(), "len": [len(r) for r in responses],
-                 "no_eos": (~finished).float().tolist(), "t": [t_gen, t_score, t_train]}
-        parts = utils.gather_objects(local)
-        cat = {key: [x for part in parts for x in part[key]] for key in ("kl", "rlhf", "adv", "loss", "raw", "len", "no_eos")}
-        t = torch.tensor([part["t"] for part in parts]).max(dim=0).values.tolist()
-        raw, adv_all = torch.tensor(cat["raw"]), torch.tensor(cat["adv"])
-        row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
-               "train/proxy_reward": raw.mean().item(), "train/proxy_reward_std": raw.std().item(),
-               "train/rlhf_reward": sum(cat["rlhf"]) / len(cat["rlhf"]), "train/kl": sum(cat["kl"]) / len(cat["kl"]),
-               "train/response_length": sum(cat["len"]) / len(cat["len"]),
-               "train/no_eos_fraction": sum(cat["no_eos"]) / len(cat["no_eos"]),
-               "train/entropy": sum(p["ent_sum"] for p in parts) / max(1.0, sum(p["ent_n"] for p in parts)),
-               "train/advantage_mean": adv_all.mean().item(), "train/advantage_std": adv_all.std().item(),
-               "train/loss": sum(cat["loss"]) / len(cat["loss"]), "train/lr": lr_now,
-               "time/generation": t[0], "time/scoring": t[1], "time/training": t[2]}
-        log(row)
+        row = log_row(step, epoch + (in_epoch + 1) / steps_per_epoch, stats, raw_scores, responses, finished,
+                      [t_gen, t_score, t_train], lr_now)
+        append_jsonl(run.metrics_path, [row])
         bar.update(1)
         bar.set_postfix(reward=f"{row['train/proxy_reward']:.3f}", kl=f"{row['train/kl']:.3f}")
         if gold_prompts and ((step + 1) % args.gold_every == 0 or step + 1 == total_steps):
-            gold_eval(step + 1)
+            evaluate_gold(run, step + 1)
         if step + 1 == total_steps or (args.save_steps and (step + 1) % args.save_steps == 0):
-            utils.save_train_state(engine, resume_dir, step + 1)
+            utils.save_train_state(run.engine, resume_dir, step + 1)
     bar.close()
 
     # ---------------------------------------------------------------- save the policy, plots, summary
-    final = os.path.join(args.out, "final")
-    engine.module.config.use_cache = True
-    utils.save_hf_checkpoint(engine.module, utils.consolidated_state_dict(engine), tokenizer, final,
-                             {"rloo_config.json": run_config}, prefix="")
-    torch.distributed.barrier()
-    utils.publish_checkpoint(final, args.out)
-    if utils.is_rank0():
-        with open(metrics_path) as f:
-            rows = [json.loads(line) for line in f]
-        make_plots(args.out, rows, f"RM {utils.model_label(args.reward_model)}")
-        write_summary(args.out, rows, args, total_steps)
-        with open(os.path.join(args.out, "summary.md")) as f:
-            print0("\n" + f.read())
-    torch.distributed.barrier()
+    save_final(run, run_config, total_steps)
     print0(f"[done] policy in {args.out} (AutoModelForCausalLM.from_pretrained('{args.out}')); plots in "
            f"{os.path.join(args.out, 'plots')}")
 

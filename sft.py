@@ -48,8 +48,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import utils
+from utils import print0
 
 # ===================================================================================================
 # ALGORITHM CORE: which tokens are trained (assistant tokens only), and the loss
@@ -156,37 +158,55 @@ def parse_args(argv=None):
 
 
 def load_conversations(source, split, tokenizer, max_length, truncate, append_eos, max_rows=None):
-    """[(ids, mask)] and a {reason: count} of skipped rows; structural problems raise utils.DataError."""
-    from utils import DataError, as_messages, iter_rows
-
+    """[(ids, mask)] and a {reason: count} of skipped rows; structural problems raise utils.DataError (message roles
+    are checked by utils.as_messages: system, user or assistant)."""
     convs, skipped = [], {}
-
-    def skip(reason):
-        skipped[reason] = skipped.get(reason, 0) + 1
-
-    for where, row in iter_rows(source, split):
+    for where, row in utils.iter_rows(source, split):
         if "messages" not in row:
-            raise DataError(f"{where}: missing field 'messages'")
+            raise utils.DataError(f"{where}: missing field 'messages'")
         if not isinstance(row["messages"], list):
-            raise DataError(f"{where}: field 'messages' must be a list of chat messages")
-        msgs = as_messages(row["messages"], "user", where, "messages")
-        for j, m in enumerate(msgs):
-            if m["role"] not in ("system", "user", "assistant"):
-                raise DataError(f"{where}: field 'messages'[{j}].role is {m['role']!r} "
-                                "(expected system, user or assistant)")
+            raise utils.DataError(f"{where}: field 'messages' must be a list of chat messages")
+        msgs = utils.as_messages(row["messages"], "user", where, "messages")
         if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            skip("no non-empty assistant turn")
+            skipped["no non-empty assistant turn"] = skipped.get("no non-empty assistant turn", 0) + 1
             continue
         ids, mask = tokenize_conversation(tokenizer, msgs, append_eos)
         if len(ids) > max_length:
             if not truncate or not any(mask[1:max_length]):
-                skip(f"longer than --max-length {max_length}")
+                reason = f"longer than --max-length {max_length}"
+                skipped[reason] = skipped.get(reason, 0) + 1
                 continue
             ids, mask = ids[:max_length], mask[:max_length]
         convs.append((ids, mask))
         if max_rows and len(convs) >= max_rows:
             break
     return convs, skipped
+
+
+def load_data(args, tokenizer):
+    """Train and eval conversations, the skip counts, and the end-of-turn ids (eos when the template has none)."""
+    if not tokenizer.is_fast:
+        raise SystemExit(f"{args.model}: sft.py needs a fast tokenizer (character offsets locate assistant tokens)")
+    end_ids = utils.turn_end_ids(tokenizer)
+    append_eos = not end_ids
+    if append_eos:
+        end_ids = [tokenizer.eos_token_id]
+        print0(f"[data] the chat template ends assistant turns with no special token: eos "
+               f"{tokenizer.eos_token!r} is appended to each assistant turn and trained")
+    try:
+        convs, skipped = load_conversations(args.train_file, args.train_split, tokenizer, args.max_length,
+                                            args.truncate, append_eos, args.max_train_rows)
+        eval_convs, eval_skipped = (load_conversations(args.eval_file, args.eval_split, tokenizer, args.max_length,
+                                                       args.truncate, append_eos) if args.eval_file else ([], {}))
+    except utils.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    for name, counts in (("train", skipped), ("eval", eval_skipped)):
+        for reason, count in counts.items():
+            print0(f"[data] {name}: skipped {count} rows ({reason})")
+    if len(convs) < args.global_batch_size:
+        raise SystemExit(f"{args.train_file}: {len(convs)} usable conversations, fewer than one global batch "
+                         f"({args.global_batch_size})")
+    return convs, eval_convs, {"train": skipped, "eval": eval_skipped}, end_ids, append_eos
 
 
 def epoch_batches(n, global_batch, epoch, seed, lengths):
@@ -207,7 +227,122 @@ def collate(convs, idx, pad_id, device):
 
 
 # ===================================================================================================
-# Main
+# Model: the causal LM as a DeepSpeed engine (AdamW, warmup then cosine decay)
+# ===================================================================================================
+
+
+def warmup_cosine(warmup, total_steps):
+    """LambdaLR factor: linear warmup, then cosine decay to 0 (s counts finished optimizer steps)."""
+    def lr_lambda(s):
+        if s < warmup:
+            return (s + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+    return lr_lambda
+
+
+def load_model(args, ds_config, zero3, tokenizer, end_ids, bf16, device, total_steps):
+    """(engine, the HF model, scheduler, the HfDeepSpeedConfig that the caller keeps alive under ZeRO-3)."""
+    import deepspeed  # after utils.quiet_libraries() (it logs on import)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # ZeRO-3: partitioned while loading
+    kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if tokenizer.pad_token_id >= model.config.get_text_config().vocab_size:
+        raise SystemExit(f"{args.model}: pad token id {tokenizer.pad_token_id} is outside the model's vocabulary")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    # generate() and rloo.py stop at eos and at the template's end-of-turn token
+    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id] + end_ids))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(math.ceil(args.warmup_ratio * total_steps), total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, model, scheduler, hf_ds_config
+
+
+# ===================================================================================================
+# Training step, evaluation, logs and checkpoints
+# ===================================================================================================
+
+
+def train_step(engine, convs, batch, micro_batch, grad_accum, pad_id, rank, world, device):
+    """One optimizer step on a global batch; returns (token-mean loss over the global batch, its trained tokens)."""
+    per_micro_step = micro_batch * world  # conversations in one forward/backward over all ranks
+    n_global = sum(sum(convs[i][1][1:]) for i in batch)  # trained tokens in the whole global batch
+    loss_sum = torch.zeros((), device=device)
+    for g in range(grad_accum):
+        idx = batch[g * per_micro_step + rank * micro_batch: g * per_micro_step + (rank + 1) * micro_batch]
+        ids, attn, mask = collate(convs, idx, pad_id, device)
+        s, _ = sft_loss_sum(engine(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        if utils.fault_here("nan"):
+            s = s * float("nan")
+        # DeepSpeed divides by grad_accum and averages over ranks: this scale makes the gradient that of
+        # (sum of token losses over the global batch) / (trained tokens in the global batch)
+        engine.backward(s * (grad_accum * world / max(1, n_global)))
+        engine.step()
+        loss_sum += s.detach()
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum.item() / max(1, n_global), n_global
+
+
+@torch.no_grad()
+def evaluate(engine, eval_convs, pad_id, batch_size, rank, world, device):
+    """Token-mean loss on the eval conversations (all ranks)."""
+    engine.eval()
+    n_batches = math.ceil(len(eval_convs) / (world * batch_size))
+    mine = list(range(rank, len(eval_convs), world))
+    total = torch.zeros(2, device=device)
+    for b in range(n_batches):  # every rank runs the same number of forwards (ZeRO-3 gathers collectively)
+        idx = mine[b * batch_size: (b + 1) * batch_size]
+        ids, attn, mask = collate(eval_convs, idx or [0], pad_id, device)
+        s, n = sft_loss_sum(engine(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        if idx:
+            total += torch.stack([s, n])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def append_jsonl(path, rows):
+    """Append rows to a JSONL log (rank 0 writes)."""
+    if utils.is_rank0():
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def start_or_resume(args, engine, resume_dir, metrics_path, saved_config, fresh_config):
+    """(start step, the run's config). --resume restores the state and drops log rows after it; a fresh start clears
+    the log and writes sft_config.json (a resumed run keeps the one written at its start)."""
+    if args.resume:
+        return utils.load_train_state(engine, resume_dir, metrics_path), saved_config
+    if utils.is_rank0():
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        utils.write_json(os.path.join(args.out, "sft_config.json"), fresh_config)
+    return 0, fresh_config
+
+
+def save_epoch_checkpoint(engine, model, tokenizer, out, epoch, run_config, row):
+    """out/epoch-N: an HF checkpoint with the run's config and the epoch's metrics."""
+    model.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
+    utils.save_hf_checkpoint(model, utils.consolidated_state_dict(engine), tokenizer,
+                             os.path.join(out, f"epoch-{epoch}"), {"sft_config.json": run_config, "epoch_metrics.json": row}, prefix="")
+    model.config.use_cache = False
+    torch.distributed.barrier()
+
+
+# ===================================================================================================
+# Main: args -> data -> model -> loop (train, log, eval + checkpoint per epoch) -> save
 # ===================================================================================================
 
 
@@ -215,12 +350,6 @@ def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
     utils.check_model_source(args.model, "--model")
-    import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from utils import DataError, print0
-
     resume_dir = os.path.join(args.out, "resume")
     utils.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
                                              ("--eval-file", args.eval_file)],
@@ -231,47 +360,27 @@ def main(argv=None):
     utils.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    per_step = args.micro_batch_size * world
-    if args.global_batch_size % per_step:
+    micro_batch = args.micro_batch_size
+    if args.global_batch_size % (micro_batch * world):
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
-    grad_accum = args.global_batch_size // per_step
+                         f"--micro-batch-size x world size = {micro_batch} x {world}")
+    grad_accum = args.global_batch_size // (micro_batch * world)
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.model)
-    if not tokenizer.is_fast:
-        raise SystemExit(f"{args.model}: sft.py needs a fast tokenizer (character offsets locate assistant tokens)")
-    end_ids = utils.turn_end_ids(tokenizer)
-    append_eos = not end_ids
-    if append_eos:
-        end_ids = [tokenizer.eos_token_id]
-        print0(f"[data] the chat template ends assistant turns with no special token: eos "
-               f"{tokenizer.eos_token!r} is appended to each assistant turn and trained")
-    try:
-        convs, skipped = load_conversations(args.train_file, args.train_split, tokenizer, args.max_length,
-                                            args.truncate, append_eos, args.max_train_rows)
-        eval_convs, eval_skipped = (load_conversations(args.eval_file, args.eval_split, tokenizer, args.max_length,
-                                                       args.truncate, append_eos) if args.eval_file else ([], {}))
-    except DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    for name, sk in (("train", skipped), ("eval", eval_skipped)):
-        for reason, count in sk.items():
-            print0(f"[data] {name}: skipped {count} rows ({reason})")
-    if len(convs) < args.global_batch_size:
-        raise SystemExit(f"{args.train_file}: {len(convs)} usable conversations, fewer than one global batch "
-                         f"({args.global_batch_size})")
+    convs, eval_convs, skipped, end_ids, append_eos = load_data(args, tokenizer)
     lengths = [len(ids) for ids, _ in convs]
     steps_per_epoch = len(convs) // args.global_batch_size
     total_steps = steps_per_epoch * args.epochs
     print0(f"[data] {len(convs)} train conversations ({sum(sum(m) for _, m in convs)} assistant tokens), "
            f"{len(eval_convs)} eval; {steps_per_epoch} steps/epoch x {args.epochs} epochs")
-    print0(f"[batch] global {args.global_batch_size} = micro {args.micro_batch_size} x world {world} x "
+    print0(f"[batch] global {args.global_batch_size} = micro {micro_batch} x world {world} x "
            f"accumulation {grad_accum}")
 
     # ---------------------------------------------------------------- model (partitioned while loading)
     hidden_size = AutoConfig.from_pretrained(args.model).get_text_config().hidden_size
     ds_config, zero3 = utils.training_ds_config(
-        args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
+        args.ds_config, global_batch=args.global_batch_size, micro_batch=micro_batch,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
     data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
@@ -280,83 +389,22 @@ def main(argv=None):
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = utils.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,
                                           RESUME_MAY_CHANGE, data_fingerprints)
-    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
-    kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32}
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
-    if tokenizer.pad_token_id >= model.config.get_text_config().vocab_size:
-        raise SystemExit(f"{args.model}: pad token id {tokenizer.pad_token_id} is outside the model's vocabulary")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False
-    model.generation_config.eos_token_id = list(dict.fromkeys([tokenizer.eos_token_id] + end_ids))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-
-    def lr_lambda(s):  # linear warmup, then cosine decay to 0 (s counts finished optimizer steps)
-        if s < warmup:
-            return (s + 1) / max(1, warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    # hf_ds_config must stay alive while the model exists (ZeRO-3: transformers holds only a weak reference)
+    engine, model, scheduler, hf_ds_config = load_model(args, ds_config, zero3, tokenizer, end_ids, bf16, device,
+                                                        total_steps)
 
     # ---------------------------------------------------------------- resume / fresh start
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start_step = 0
-    if args.resume:  # the run's sft_config.json stays as it was written at its start
-        start_step = utils.load_train_state(engine, resume_dir, metrics_path)
-        run_config = saved_config
+    start_step, run_config = start_or_resume(args, engine, resume_dir, metrics_path, saved_config, {
+        "args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_conversations": len(convs),
+        "eval_conversations": len(eval_convs), "skipped": skipped, "turn_end_ids": end_ids,
+        "eos_appended": append_eos, "data_fingerprints": data_fingerprints, "ds_config": ds_config})
+    if args.resume:
         print0(f"[resume] at step {start_step}/{total_steps}")
-    else:
-        if utils.is_rank0() and os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        run_config = {"args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
-                      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_conversations": len(convs),
-                      "eval_conversations": len(eval_convs), "skipped": {"train": skipped, "eval": eval_skipped},
-                      "turn_end_ids": end_ids, "eos_appended": append_eos, "data_fingerprints": data_fingerprints,
-                      "ds_config": ds_config}
-        if utils.is_rank0():
-            utils.write_json(os.path.join(args.out, "sft_config.json"), run_config)
-
-    def log(row):
-        if utils.is_rank0():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # ---------------------------------------------------------------- eval (token-mean loss on --eval-file)
-    @torch.no_grad()
-    def evaluate():
-        engine.eval()
-        n_batches = math.ceil(len(eval_convs) / (world * args.eval_batch_size))
-        mine = list(range(rank, len(eval_convs), world))
-        total = torch.zeros(2, device=device)
-        for b in range(n_batches):  # every rank runs the same number of forwards (ZeRO-3 gathers collectively)
-            idx = mine[b * args.eval_batch_size: (b + 1) * args.eval_batch_size]
-            ids, attn, mask = collate(eval_convs, idx or [0], tokenizer.pad_token_id, device)
-            s, n = sft_loss_sum(engine(input_ids=ids, attention_mask=attn).logits, ids, mask)
-            if idx:
-                total += torch.stack([s, n])
-        if world > 1:
-            torch.distributed.all_reduce(total)
-        engine.train()
-        return (total[0] / total[1].clamp(min=1)).item()
-
-    def save_epoch_checkpoint(epoch, row):
-        ckpt = os.path.join(args.out, f"epoch-{epoch}")
-        model.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
-        utils.save_hf_checkpoint(model, utils.consolidated_state_dict(engine), tokenizer, ckpt,
-                                 {"sft_config.json": run_config, "epoch_metrics.json": row}, prefix="")
-        model.config.use_cache = False
-        torch.distributed.barrier()
 
     # ---------------------------------------------------------------- training loop
     engine.train()
-    mb = args.micro_batch_size
     bar = utils.progress(total=total_steps, initial=start_step, desc="sft", disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
@@ -364,43 +412,29 @@ def main(argv=None):
         if epoch != batches_epoch:
             batches, batches_epoch = epoch_batches(len(convs), args.global_batch_size, epoch, args.seed, lengths), epoch
         batch = batches[in_epoch]
-        n_global = sum(sum(convs[i][1][1:]) for i in batch)  # trained tokens in the whole global batch
         t0, lr_now = time.time(), scheduler.get_last_lr()[0]
         utils.set_fault_step(step + 1)
-        loss_sum = torch.zeros((), device=device)
-        for g in range(grad_accum):
-            idx = batch[g * per_step + rank * mb: g * per_step + (rank + 1) * mb]
-            ids, attn, mask = collate(convs, idx, tokenizer.pad_token_id, device)
-            s, _ = sft_loss_sum(engine(input_ids=ids, attention_mask=attn).logits, ids, mask)
-            if utils.fault_here("nan"):
-                s = s * float("nan")
-            # DeepSpeed divides by grad_accum and averages over ranks: this scale makes the gradient that of
-            # (sum of token losses over the global batch) / (trained tokens in the global batch)
-            engine.backward(s * (grad_accum * world / max(1, n_global)))
-            engine.step()
-            loss_sum += s.detach()
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)
-        loss = loss_sum.item() / max(1, n_global)
+        loss, n_global = train_step(engine, convs, batch, micro_batch, grad_accum, tokenizer.pad_token_id, rank,
+                                    world, device)
         if not math.isfinite(loss):
             print0(f"[error] non-finite loss at step {step + 1}; stopping before anything of this step is saved. "
                    f"{utils.last_good_state(args.out)}")
             raise SystemExit(1)
         utils.maybe_fault("after_step")
         dt = time.time() - t0
-        row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch, "train/loss": loss,
-               "train/lr": lr_now, "train/tokens": n_global,
-               "train/tokens_per_s": sum(lengths[i] for i in batch) / dt}
-        log(row)
+        append_jsonl(metrics_path, [{"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
+                                     "train/loss": loss, "train/lr": lr_now, "train/tokens": n_global,
+                                     "train/tokens_per_s": sum(lengths[i] for i in batch) / dt}])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if in_epoch + 1 == steps_per_epoch:
-            erow = {"step": step + 1, "epoch": epoch + 1}
+        if in_epoch + 1 == steps_per_epoch:  # end of an epoch: eval, an HF checkpoint and the resume state
+            epoch_row = {"step": step + 1, "epoch": epoch + 1}
             if eval_convs:
-                erow["eval/loss"] = evaluate()
-                print0(f"\n[epoch {epoch + 1}] eval/loss {erow['eval/loss']:.4f}")
-            log(erow)
-            save_epoch_checkpoint(epoch + 1, erow)
+                epoch_row["eval/loss"] = evaluate(engine, eval_convs, tokenizer.pad_token_id, args.eval_batch_size,
+                                                  rank, world, device)
+                print0(f"\n[epoch {epoch + 1}] eval/loss {epoch_row['eval/loss']:.4f}")
+            append_jsonl(metrics_path, [epoch_row])
+            save_epoch_checkpoint(engine, model, tokenizer, args.out, epoch + 1, run_config, epoch_row)
             utils.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:
             utils.save_train_state(engine, resume_dir, step + 1)
@@ -410,8 +444,8 @@ def main(argv=None):
     utils.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
     torch.distributed.barrier()
     print0(f"[done] SFT model in {args.out} (AutoModelForCausalLM.from_pretrained('{args.out}'))")
-    if sum(skipped.values()) + sum(eval_skipped.values()):
-        print0(f"[data] skipped rows: train {skipped}, eval {eval_skipped} (also in sft_config.json)")
+    if sum(skipped["train"].values()) + sum(skipped["eval"].values()):
+        print0(f"[data] skipped rows: train {skipped['train']}, eval {skipped['eval']} (also in sft_config.json)")
 
 
 if __name__ == "__main__":

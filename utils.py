@@ -1104,7 +1104,9 @@ def maybe_fault(point):
         os.kill(os.getpid(), signal.SIGKILL)  # a real, abrupt crash
 
 
-# --- added by policy (sft.py, rloo.py) ---
+# ---------------------------------------------------------------------------------------------------
+# Chat template: rendering, and the token that ends an assistant turn (sft.py, rloo.py)
+# ---------------------------------------------------------------------------------------------------
 
 
 def render_chat(tokenizer, messages, add_generation_prompt):
