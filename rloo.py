@@ -561,14 +561,6 @@ def log_row(step, epoch_progress, stats, raw_scores, responses, finished, times,
             "time/generation": t[0], "time/scoring": t[1], "time/training": t[2]}
 
 
-def append_jsonl(path, rows):
-    """Append rows to a JSONL log (rank 0 writes)."""
-    if utils.is_rank0():
-        with open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-
 # ===================================================================================================
 # Gold evaluation on held-out prompts (Figure 5c-d, Table 3)
 # ===================================================================================================
@@ -605,10 +597,10 @@ def evaluate_gold(run, step):
            "gold/response_chars": sum(len(x[1]) for x in items) / n,
            "gold/no_eos_fraction": sum(not x[3] for x in items) / n, "gold/prompts": n,
            "time/gold": time.time() - t0}
-    append_jsonl(run.samples_path, [{"step": step, "prompt_id": gold_prompts[i]["id"],
+    utils.append_jsonl(run.samples_path, [{"step": step, "prompt_id": gold_prompts[i]["id"],
                                      "prompt": gold_prompts[i]["prompt"], "response": text, "gold_reward": s,
                                      "length": length, "eos": fin} for (i, text, length, fin), s in zip(items, scores)])
-    append_jsonl(run.metrics_path, [row])
+    utils.append_jsonl(run.metrics_path, [row])
     print0(f"\n[gold] step {step}: r* {row['gold/reward']:.4f} ± {row['gold/reward_sem']:.4f}, "
            f"length {row['gold/response_length']:.1f} tokens")
     return row
@@ -828,7 +820,7 @@ def main(argv=None):
 
         row = log_row(step, epoch + (in_epoch + 1) / steps_per_epoch, stats, raw_scores, responses, finished,
                       [t_gen, t_score, t_train], lr_now)
-        append_jsonl(run.metrics_path, [row])
+        utils.append_jsonl(run.metrics_path, [row])
         bar.update(1)
         bar.set_postfix(reward=f"{row['train/proxy_reward']:.3f}", kl=f"{row['train/kl']:.3f}")
         if gold_prompts and ((step + 1) % args.gold_every == 0 or step + 1 == total_steps):

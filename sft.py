@@ -41,7 +41,6 @@ epoch-N/ (a checkpoint per epoch) and resume/ (DeepSpeed state for --resume).
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -312,14 +311,6 @@ def evaluate(engine, eval_convs, pad_id, batch_size, rank, world, device):
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def append_jsonl(path, rows):
-    """Append rows to a JSONL log (rank 0 writes)."""
-    if utils.is_rank0():
-        with open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-
 def start_or_resume(args, engine, resume_dir, metrics_path, saved_config, fresh_config):
     """(start step, the run's config). --resume restores the state and drops log rows after it; a fresh start clears
     the log and writes sft_config.json (a resumed run keeps the one written at its start)."""
@@ -422,7 +413,7 @@ def main(argv=None):
             raise SystemExit(1)
         utils.maybe_fault("after_step")
         dt = time.time() - t0
-        append_jsonl(metrics_path, [{"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
+        utils.append_jsonl(metrics_path, [{"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
                                      "train/loss": loss, "train/lr": lr_now, "train/tokens": n_global,
                                      "train/tokens_per_s": sum(lengths[i] for i in batch) / dt}])
         bar.update(1)
@@ -433,7 +424,7 @@ def main(argv=None):
                 epoch_row["eval/loss"] = evaluate(engine, eval_convs, tokenizer.pad_token_id, args.eval_batch_size,
                                                   rank, world, device)
                 print0(f"\n[epoch {epoch + 1}] eval/loss {epoch_row['eval/loss']:.4f}")
-            append_jsonl(metrics_path, [epoch_row])
+            utils.append_jsonl(metrics_path, [epoch_row])
             save_epoch_checkpoint(engine, model, tokenizer, args.out, epoch + 1, run_config, epoch_row)
             utils.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:

@@ -298,6 +298,14 @@ def write_jsonl(path, rows):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def append_jsonl(path, rows):
+    """Append rows to a JSONL log (rank 0 writes)."""
+    if is_rank0():
+        with open(path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
 def iter_rows(source, split="train"):
     """(where, dict) for each row of a local JSONL file, a local JSON list file or a hub dataset id (or a local dataset
     folder); `where` reads 'file:line', 'file[i]' or 'id[split] row i'."""
