@@ -24,19 +24,31 @@ train_config.json, metrics.jsonl (per step and per epoch), epoch-N/ (a checkpoin
 """
 
 import argparse
+import functools
 import json
 import math
 import os
+import resource
 import time
 
-import torch
-import torch.nn.functional as F
+from transformers import AutoConfig
 
 import utils
 
-# ===================================================================================================
-# ALGORITHM CORE: the loss (torch only; paste it anywhere)
-# ===================================================================================================
+# deepspeed and scipy are imported inside the functions that use them: importing deepspeed takes seconds and logs
+# (utils.quiet_libraries() must run first), scipy.stats takes about a second, and `from train_rm import
+# preference_loss` (tests, your own code) needs neither. torch, dist and F come with the block below.
+
+# ==== BSR: paste from here ==========================================================================================
+# The method, self-contained (torch only). Hong et al., "On the Robustness of Reward Models for Language Model
+# Alignment" (ICML 2025), Sec. 4. preference_loss: the losses on one batch. global_batch_losses: makes that batch the
+# whole global batch B (every rank, every accumulation step), as eq. 25 means; a loss on each micro-batch alone would
+# centre each micro-batch (the official code's form). Usage: README "Use BSR in your own trainer";
+# tests/test_pasted_block.py runs this block alone on 2 processes against eq. 25 by plain autograd.
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
 
 
 def preference_loss(rewards_chosen, rewards_rejected, loss_type="bsr", lam=1e-3, margin=1.0):
@@ -70,6 +82,54 @@ def preference_loss(rewards_chosen, rewards_rejected, loss_type="bsr", lam=1e-3,
     return loss, bt
 
 
+def all_gather_cat(t):
+    """t of every rank, joined along dim 0 in rank order, keeping autograd.
+
+    Its backward SUMS over ranks the gradients that every rank's copy of the loss sends back, so a loss computed
+    alike on every rank from gathered rewards, with gradients then averaged over ranks (DDP, DeepSpeed), gets
+    exactly the gradient of that loss on the joined batch.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    return torch.cat(dist_nn.all_gather(t.contiguous()), dim=0)
+
+
+def global_batch_losses(reward_fn, micro_batches, loss_type="bsr", lam=1e-3, margin=1.0, scope="global"):
+    """preference_loss with |B| = the global batch (this rank's micro_batches, on every rank): eq. 25 exactly.
+
+    reward_fn(micro_batch) -> (rewards_chosen, rewards_rejected) of this rank's pairs, with autograd; deterministic
+    (dropout off): for BSR over several micro-batches it runs twice on each, first in a no-grad pre-pass that learns
+    every reward of B (so B's mean), then with grad. Every rank needs as many micro-batches, of the same size.
+    Yields per micro-batch (loss, weight, bt_loss, rewards_chosen, rewards_rejected): backpropagate
+    loss * weight / len(micro_batches) (DeepSpeed's engine.backward divides by the accumulation steps itself: give it
+    loss * weight) and average gradients over ranks (DDP, DeepSpeed): the summed gradient is d(eq. 24 on B)/d(params).
+    The rewards (detached, all ranks) are those the loss saw: all of B after a pre-pass, else this micro-step's.
+    scope="micro": the official code's per-device loss instead (each rank centres its own micro-batch, lam x its
+    size; not eq. 25). loss and bt_loss are then this rank's.
+    """
+    if scope not in ("global", "micro"):
+        raise ValueError(f"unknown scope {scope!r}")
+    n = len(micro_batches)
+    prepass = scope == "global" and loss_type == "bsr" and n > 1  # the pairwise losses average exactly without one
+    if prepass:
+        with torch.no_grad():
+            fixed = [tuple(all_gather_cat(r) for r in reward_fn(mb)) for mb in micro_batches]
+    for g, mb in enumerate(micro_batches):
+        rc, rr = reward_fn(mb)
+        if scope == "micro":
+            loss, bt = preference_loss(rc, rr, loss_type, lam * len(rc), margin)
+            yield loss, 1.0, bt, all_gather_cat(rc.detach()), all_gather_cat(rr.detach())
+            continue
+        rc, rr = all_gather_cat(rc), all_gather_cat(rr)
+        if prepass:  # this micro-step's rewards live, the rest of B as constants: the loss and mean of all of B,
+            # the gradient through this micro-step only (the n micro-steps' gradients add up to B's: weight n)
+            rc = torch.cat([c for c, _ in fixed[:g]] + [rc] + [c for c, _ in fixed[g + 1:]])
+            rr = torch.cat([r for _, r in fixed[:g]] + [rr] + [r for _, r in fixed[g + 1:]])
+        loss, bt = preference_loss(rc, rr, loss_type, lam, margin)
+        yield loss, (n if prepass else 1.0), bt, rc.detach(), rr.detach()
+# ==== BSR: to here ==================================================================================================
+
+
 LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
 # --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE: --save-steps, --zero-stage, --ds-config,
 # --gradient-checkpointing, --out): they change what is logged or how it is computed, never a trained weight
@@ -81,9 +141,7 @@ RESUME_MAY_CHANGE = ("eval_batch_size", "norm_stats_pairs", "max_tokens_per_forw
 
 
 def parse_args(argv=None):
-    from utils import HelpFormatter
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--model", required=True, help="hub id or local path of a causal LM / encoder checkpoint")
     p.add_argument("--train-file", required=True,
                    help="JSONL with prompt/chosen/rejected (strings or chat message lists), or a hub dataset id "
@@ -142,33 +200,73 @@ def parse_args(argv=None):
 
 
 # ===================================================================================================
-# Data: pairs -> token ids, with counted skips
+# Data: pairs -> token ids, with counted skips; batches and the forwards of a micro-batch
 # ===================================================================================================
 
 
 def load_pairs(source, split, tokenizer, max_length, truncate, max_pairs=None):
     """Tokenized pairs [(chosen_ids, rejected_ids)] and a {reason: count} of skipped rows."""
-    from utils import encode_prompt_response, iter_rows, parse_pair
-
     pairs, skipped = [], {}
-    for where, row in iter_rows(source, split):
-        parsed = parse_pair(row, where)
+    for where, row in utils.iter_rows(source, split):
+        parsed = utils.parse_pair(row, where)  # ("skip", reason) or (prompt, chosen, rejected)
         if parsed[0] == "skip":
-            skipped[parsed[1]] = skipped.get(parsed[1], 0) + 1
-            continue
-        prompt, chosen, rejected = parsed
-        ids_c = encode_prompt_response(tokenizer, prompt, chosen, max_length, truncate)
-        ids_r = encode_prompt_response(tokenizer, prompt, rejected, max_length, truncate)
-        if ids_c is None or ids_r is None:
-            skipped[f"longer than --max-length {max_length}"] = skipped.get(f"longer than --max-length {max_length}", 0) + 1
-            continue
-        if ids_c == ids_r:
-            skipped["chosen == rejected after tokenization"] = skipped.get("chosen == rejected after tokenization", 0) + 1
+            reason = parsed[1]
+        else:
+            ids_c, ids_r = (utils.encode_prompt_response(tokenizer, parsed[0], response, max_length, truncate)
+                            for response in parsed[1:])
+            reason = (f"longer than --max-length {max_length}" if ids_c is None or ids_r is None
+                      else "chosen == rejected after tokenization" if ids_c == ids_r else None)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
         pairs.append((ids_c, ids_r))
         if max_pairs and len(pairs) >= max_pairs:
             break
     return pairs, skipped
+
+
+def load_data(args, tokenizer):
+    """Train and eval pairs and their skip counts; bad input is a one-line error naming file, line and field."""
+    try:
+        pairs, skipped = load_pairs(args.train_file, args.train_split, tokenizer, args.max_length,
+                                    args.truncate, args.max_train_pairs)
+        eval_pairs, eval_skipped = (load_pairs(args.eval_file, "train", tokenizer, args.max_length, args.truncate)
+                                    if args.eval_file else ([], {}))
+    except utils.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    for name, sk in (("train", skipped), ("eval", eval_skipped)):
+        for reason, count in sk.items():
+            utils.print0(f"[data] {name}: skipped {count} rows ({reason})")
+    if len(pairs) < args.global_batch_size:
+        raise SystemExit(f"{args.train_file}: {len(pairs)} usable pairs, fewer than one global batch "
+                         f"({args.global_batch_size})")
+    return pairs, eval_pairs, skipped, eval_skipped
+
+
+def epoch_batches(n_pairs, global_batch, epoch, seed, pair_lengths):
+    """The epoch's global batches: a seeded shuffle (paper: random batches), each batch sorted by length.
+
+    pair_lengths[i] is the longer of pair i's two sequences. Sorting inside a batch only changes which device/micro-step
+    gets which pairs (less padding); the set of pairs in B, and so the loss, is unchanged. Pairs beyond the last full
+    batch wait for the next epoch.
+    """
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_pairs, generator=gen).tolist()
+    batches = [perm[i: i + global_batch] for i in range(0, n_pairs - global_batch + 1, global_batch)]
+    return [sorted(b, key=lambda i: -pair_lengths[i]) for b in batches]
+
+
+def rank_micro_batches(batch, rank, world, micro_batch_size):
+    """This rank's micro-batches of a global batch: micro-step g covers batch[g x micro x world: ...], rank by rank, so
+    gathering over ranks then joining the micro-steps gives back the batch in order."""
+    n_micro_steps = len(batch) // (micro_batch_size * world)
+    return [batch[(g * world + rank) * micro_batch_size: (g * world + rank + 1) * micro_batch_size]
+            for g in range(n_micro_steps)]
+
+
+def pair_sequences(pairs, idx):
+    """The sequences one forward scores for pairs idx: every chosen, then every rejected."""
+    return [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
 
 
 def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
@@ -204,43 +302,242 @@ def default_tokens_per_forward(device_type, micro_batch_size, max_length):
     return 2048 if device_type == "cpu" else micro_batch_size * max_length
 
 
+def pack_batch(seqs, device=None):
+    """Padding-free: token id lists -> one row (input_ids [1, N], position_ids [1, N]), positions restart at 0.
+
+    transformers turns restarting position_ids into per-sequence attention (varlen kernels with
+    flash_attention_2, a block-diagonal mask with sdpa/eager), so no token attends across sequences.
+    """
+    input_ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
+    position_ids = torch.tensor([[p for s in seqs for p in range(len(s))]], dtype=torch.long)
+    if device is not None:
+        input_ids, position_ids = input_ids.to(device), position_ids.to(device)
+    return input_ids, position_ids
+
+
+# ===================================================================================================
+# Model: the reward model, its head, the DeepSpeed engine
+# ===================================================================================================
+
+
+class PackedRewardModel(utils.RewardModel):
+    """utils.RewardModel (padded batches: (input_ids, attention_mask)) that also reads packed rows (--padding-free):
+    (input_ids, None, position_ids) from pack_batch."""
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is not None:
+            return super().forward(input_ids, attention_mask)
+        out = getattr(self.model, self.model.base_model_prefix)(input_ids=input_ids, position_ids=position_ids)
+        if getattr(out, "pooler_output", None) is not None:
+            raise ValueError("padding-free batches need a decoder; encoders read [CLS] of each row")
+        pos = position_ids[0]  # one row: a sequence ends where the next position restarts at 0
+        ends = torch.nonzero(torch.cat([pos[1:] == 0, pos.new_ones(1, dtype=torch.bool)])).squeeze(-1)
+        hidden = out.last_hidden_state[0, ends]
+        return utils.reward_head(self.model)(hidden).squeeze(-1), hidden
+
+
+def init_reward_head(model, seed):
+    """Wp ~ N(0, 1/(H+1)) (paper Sec. 2.1), bias zeroed and frozen; works with ZeRO-3 partitioned params."""
+    import deepspeed
+
+    head = utils.reward_head(model)
+    params = [head.weight] + ([head.bias] if head.bias is not None else [])
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        gen = torch.Generator().manual_seed(seed)
+        std = 1.0 / math.sqrt(head.in_features + 1)
+        w = torch.randn(head.weight.shape, generator=gen, dtype=torch.float32) * std
+        with torch.no_grad():
+            head.weight.copy_(w.to(head.weight.dtype))
+            if head.bias is not None:  # the paper's head is bias-free; a bias would absorb the BSR centring
+                head.bias.zero_()
+    if head.bias is not None:
+        head.bias.requires_grad_(False)
+
+
+def load_model(args, tokenizer, bf16, ds_config, total_steps, device):
+    """The HF sequence-classifier (head initialised as the paper does unless --head-init keep) and its DeepSpeed engine:
+    AdamW, linear warmup then linear decay to 0. Returns (hf_model, engine, scheduler). Under ZeRO-3 call it with the
+    HfDeepSpeedConfig alive: the parameters are then partitioned while loading."""
+    import deepspeed
+
+    hf_model = utils.load_reward_model(args.model, tokenizer, torch.bfloat16 if bf16 else torch.float32,
+                                       args.attn_implementation)
+    if args.head_init == "paper":
+        init_reward_head(hf_model, args.seed)
+    if args.gradient_checkpointing:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PackedRewardModel(hf_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup
+                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return hf_model, engine, scheduler
+
+
+# ===================================================================================================
+# Training: the rewards of a micro-batch, one optimizer step, its log row
+# ===================================================================================================
+
+
+def micro_batch_rewards(idx, engine, pairs, n_chunks, token_counts, args, pad_id, device):
+    """Rewards (chosen, rejected) of pairs idx: chosen and rejected share n_chunks length-sorted forwards.
+
+    token_counts[0] / [1] accumulate the real / processed (padded) tokens, for the log's padding fraction.
+    """
+    seqs = pair_sequences(pairs, idx)
+    parts = forward_chunks([len(q) for q in seqs], args.max_tokens_per_forward, args.padding_free, n_chunks)
+    order = [j for part in parts for j in part]
+    outs = []
+    for part in parts:
+        chunk = [seqs[j] for j in part]
+        token_counts[0] += sum(len(q) for q in chunk)
+        token_counts[1] += sum(len(q) for q in chunk) if args.padding_free else len(chunk) * len(chunk[0])
+        if args.padding_free:
+            input_ids, position_ids = pack_batch(chunk, device)
+            outs.append(engine(input_ids, None, position_ids)[0])
+        else:
+            outs.append(engine(*utils.pad_batch(chunk, pad_id, device))[0])
+    rewards = torch.cat(outs)[torch.argsort(torch.tensor(order, device=device))]  # back to seqs order
+    return rewards[: len(idx)], rewards[len(idx):]
+
+
+def train_step(engine, pairs, batch, args, rank, world, pad_id, device, step, epoch):
+    """One optimizer step on the global batch `batch` (pair indices), through the BSR block.
+
+    Returns the step's [loss, bt loss, accuracy, reward mean, reward std, margin mean] over B and the token counts of
+    its forwards (all ranks). Stops the run (the update not applied) when the loss is not finite.
+    """
+    micro = args.micro_batch_size
+    # every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively), so the chunk
+    # count is planned from the whole global batch, which every rank knows
+    n_chunks = max(len(forward_chunks([len(q) for q in pair_sequences(pairs, batch[k: k + micro])],
+                                      args.max_tokens_per_forward, args.padding_free))
+                   for k in range(0, len(batch), micro))
+    token_counts = [0, 0]
+    reward_fn = functools.partial(micro_batch_rewards, engine=engine, pairs=pairs, n_chunks=n_chunks,
+                                  token_counts=token_counts, args=args, pad_id=pad_id, device=device)
+    micro_batches = rank_micro_batches(batch, rank, world, micro)
+    losses, bts, seen_c, seen_r = [], [], [], []
+    finite = torch.ones((), device=device)
+    for g, (loss, weight, bt, rc, rr) in enumerate(global_batch_losses(reward_fn, micro_batches, args.loss, args.lam,
+                                                                       args.margin, args.bsr_scope)):
+        if utils.fault_here("nan"):
+            loss = loss * float("nan")
+        finite = finite * torch.isfinite(loss.detach())
+        if g == len(micro_batches) - 1:  # one host sync per step, before the update is applied
+            if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 0:
+                utils.print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping, the update "
+                             f"was not applied. {utils.last_good_state(args.out)}")
+                raise SystemExit(1)
+        engine.backward(loss * weight)  # DeepSpeed divides by the number of micro-steps and averages over ranks
+        engine.step()
+        losses.append(loss.detach())
+        bts.append(bt.detach())
+        if sum(len(c) for c in seen_c) < len(batch):  # each pair once: after a pre-pass the first loss saw all of B
+            seen_c.append(rc)
+            seen_r.append(rr)
+
+    rc, rr = torch.cat(seen_c).float(), torch.cat(seen_r).float()
+    loss_v, bt_v = torch.stack(losses).mean(), torch.stack(bts).mean()
+    if args.bsr_scope == "micro" and world > 1:  # the per-device losses, averaged over ranks
+        both = torch.stack([loss_v, bt_v])
+        dist.all_reduce(both)
+        loss_v, bt_v = both / world
+    rewards = torch.cat([rc, rr])
+    stats = torch.stack([loss_v, bt_v, (rc > rr).float().mean(), rewards.mean(), rewards.std(),
+                         (rc - rr).mean()]).tolist()  # one host sync
+    if world > 1:
+        counts = torch.tensor(token_counts, dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        token_counts = counts.tolist()
+    return stats, token_counts
+
+
 def peak_memory_gb(device):
     """Peak accelerator memory allocated by torch on this rank, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def epoch_batches(n_pairs, global_batch, epoch, seed, pair_len):
-    """The epoch's global batches: a seeded shuffle (paper: random batches), each batch sorted by length.
+def step_row(step, epoch_progress, stats, lr, n_pairs, n_tokens, seconds, token_counts, device):
+    """The metrics.jsonl row of one training step."""
+    loss, bt, accuracy, reward_mean, reward_std, margin_mean = stats
+    return {"step": step, "epoch": epoch_progress,
+            "train/loss": loss, "train/loss_bt": bt, "train/loss_reg": loss - bt,
+            "train/accuracy": accuracy, "train/reward_mean": reward_mean, "train/reward_std": reward_std,
+            "train/margin_mean": margin_mean, "train/lr": lr, "train/pairs_per_s": n_pairs / seconds,
+            "train/tokens_per_s": n_tokens / seconds, "train/padding_fraction": 1 - token_counts[0] / token_counts[1],
+            "train/peak_mem_gb": peak_memory_gb(device)}
 
-    Sorting inside a batch only changes which device/micro-step gets which pairs (less padding); the set
-    of pairs in B, and so the loss, is unchanged. Pairs beyond the last full batch wait for the next epoch.
-    """
-    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n_pairs, generator=gen).tolist()
-    batches = [perm[i: i + global_batch] for i in range(0, n_pairs - global_batch + 1, global_batch)]
-    return [sorted(b, key=lambda i: -pair_len[i]) for b in batches]
+
+def append_row(path, row):
+    if utils.is_rank0():
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 # ===================================================================================================
-# Main
+# Epoch end: diagnostics (Figures 1-2, eval accuracy) and the checkpoint
+# ===================================================================================================
+
+
+def epoch_diagnostics(engine, hf_model, pairs, stats_idx, eval_pairs, args, pad_id, device, epoch, step):
+    """The epoch row: ||Wp||, ||h_w - h_l|| and ||h|| over stats_idx train pairs, eval accuracy / BT loss / rewards.
+
+    Returns (row, eval rewards {"rewards_chosen", "rewards_rejected"} in --eval-file order, or None).
+    """
+    import scipy.stats
+
+    engine.eval()
+    row = {"step": step, "epoch": epoch, "epoch/wp_norm": utils.head_weight_norm(hf_model)}
+    if stats_idx:
+        _, hidden = utils.score_sequences(engine, pair_sequences(pairs, stats_idx), pad_id, device,
+                                          args.eval_batch_size, desc=f"norm stats e{epoch}")
+        n = len(stats_idx)
+        diff = (hidden[:n] - hidden[n:]).norm(dim=1).numpy()
+        norms = hidden.norm(dim=1).numpy()
+        row.update({"epoch/hidden_diff_norm_mean": float(diff.mean()), "epoch/hidden_diff_norm_std": float(diff.std()),
+                    "epoch/hidden_diff_norm_skew": float(scipy.stats.skew(diff)),
+                    "epoch/hidden_norm_mean": float(norms.mean()), "epoch/hidden_norm_std": float(norms.std())})
+    eval_rewards = None
+    if eval_pairs:
+        seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
+        rewards, _ = utils.score_sequences(engine, seqs, pad_id, device, args.eval_batch_size, desc=f"eval e{epoch}")
+        rc, rr = rewards[: len(eval_pairs)], rewards[len(eval_pairs):]
+        eval_rewards = {"rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist()}
+        row.update({"eval/accuracy": float((rc > rr).float().mean()),
+                    "eval/loss_bt": float(-F.logsigmoid(rc - rr).mean()),
+                    "eval/reward_mean": float(rewards.mean()), "eval/reward_std": float(rewards.std())})
+    engine.train()
+    return row, eval_rewards
+
+
+def save_epoch_checkpoint(engine, hf_model, tokenizer, out, epoch, run_config, eval_rewards):
+    """out/epoch-N: an HF checkpoint, its train_config.json and the trainer's own rewards on --eval-file."""
+    ckpt = os.path.join(out, f"epoch-{epoch}")
+    state_dict = utils.consolidated_state_dict(engine)
+    extra = {"train_config.json": run_config}
+    if eval_rewards is not None:
+        extra["eval_rewards.json"] = eval_rewards
+    utils.save_hf_checkpoint(hf_model, state_dict, tokenizer, ckpt, extra, prefix="model.")
+    dist.barrier()
+
+
+# ===================================================================================================
+# Main: args -> data -> model -> loop (steps, epoch diagnostics, checkpoints) -> final checkpoint
 # ===================================================================================================
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import utils
-
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
     utils.check_model_source(args.model, "--model")
-    import deepspeed
-    import scipy.stats
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from utils import DataError, print0
+    from transformers.integrations import HfDeepSpeedConfig  # after quiet_libraries, like deepspeed itself
 
     resume_dir = os.path.join(args.out, "resume")
     utils.claim_out_dir(args.out, "train_rm.py", [("--model", args.model), ("--train-file", args.train_file),
@@ -254,43 +551,31 @@ def main(argv=None):
     utils.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    per_step_pairs = args.micro_batch_size * world
-    if args.global_batch_size % per_step_pairs:
+    micro_step_pairs = args.micro_batch_size * world  # pairs of one micro-step, all ranks
+    if args.global_batch_size % micro_step_pairs:
         raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                          f"--micro-batch-size x world size = {args.micro_batch_size} x {world}")
-    grad_accum = args.global_batch_size // per_step_pairs
+    grad_accum = args.global_batch_size // micro_step_pairs
     if args.max_tokens_per_forward is None:  # resolved here, so train_config.json records the value used
         args.max_tokens_per_forward = default_tokens_per_forward(device.type, args.micro_batch_size, args.max_length)
 
     # ---------------------------------------------------------------- data
     tokenizer = utils.load_tokenizer(args.model)
-    try:
-        pairs, skipped = load_pairs(args.train_file, args.train_split, tokenizer, args.max_length,
-                                    args.truncate, args.max_train_pairs)
-        eval_pairs, eval_skipped = (load_pairs(args.eval_file, "train", tokenizer, args.max_length, args.truncate)
-                                    if args.eval_file else ([], {}))
-    except DataError as e:
-        raise SystemExit(f"data error: {e}") from None
-    for name, sk in (("train", skipped), ("eval", eval_skipped)):
-        for reason, count in sk.items():
-            print0(f"[data] {name}: skipped {count} rows ({reason})")
-    if len(pairs) < args.global_batch_size:
-        raise SystemExit(f"{args.train_file}: {len(pairs)} usable pairs, fewer than one global batch "
-                         f"({args.global_batch_size})")
-    pair_len = [max(len(c), len(r)) for c, r in pairs]
+    pad_id = tokenizer.pad_token_id
+    pairs, eval_pairs, skipped, eval_skipped = load_data(args, tokenizer)
+    pair_lengths = [max(len(c), len(r)) for c, r in pairs]
     steps_per_epoch = len(pairs) // args.global_batch_size
     total_steps = steps_per_epoch * args.epochs
-    print0(f"[data] {len(pairs)} train pairs, {len(eval_pairs)} eval pairs; {steps_per_epoch} steps/epoch x "
-           f"{args.epochs} epochs; {len(pairs) % args.global_batch_size} pairs/epoch wait for the next shuffle")
-    print0(f"[batch] global {args.global_batch_size} = micro {args.micro_batch_size} x world {world} x "
-           f"accumulation {grad_accum}; BSR batch |B| = "
-           + (f"{args.global_batch_size} (global)" if args.bsr_scope == "global" else f"{args.micro_batch_size} per device (micro)")
-           + (f"; forwards of at most {args.max_tokens_per_forward} tokens (--max-tokens-per-forward, 0 = off)"
-              if args.max_tokens_per_forward else ""))
+    utils.print0(f"[data] {len(pairs)} train pairs, {len(eval_pairs)} eval pairs; {steps_per_epoch} steps/epoch x "
+                 f"{args.epochs} epochs; {len(pairs) % args.global_batch_size} pairs/epoch wait for the next shuffle")
+    utils.print0(f"[batch] global {args.global_batch_size} = micro {args.micro_batch_size} x world {world} x "
+                 f"accumulation {grad_accum}; BSR batch |B| = "
+                 + (f"{args.global_batch_size} (global)" if args.bsr_scope == "global"
+                    else f"{args.micro_batch_size} per device (micro)")
+                 + (f"; forwards of at most {args.max_tokens_per_forward} tokens (--max-tokens-per-forward, 0 = off)"
+                    if args.max_tokens_per_forward else ""))
 
     # ---------------------------------------------------------------- model (partitioned while loading)
-    from transformers import AutoConfig
-
     hidden_size = AutoConfig.from_pretrained(args.model).get_text_config().hidden_size
     ds_config, zero3 = utils.training_ds_config(
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
@@ -303,22 +588,7 @@ def main(argv=None):
         saved_config = utils.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,
                                           RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
-    hf_model = utils.load_reward_model(args.model, tokenizer, torch.bfloat16 if bf16 else torch.float32,
-                                       args.attn_implementation)
-    if args.head_init == "paper":
-        utils.init_reward_head(hf_model, args.seed)
-    if args.gradient_checkpointing:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = utils.RewardModel(hf_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup
-                                                  else max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-
-    def forward(input_ids, attention_mask):
-        return engine(input_ids, attention_mask)
+    hf_model, engine, scheduler = load_model(args, tokenizer, bf16, ds_config, total_steps, device)
 
     # ---------------------------------------------------------------- resume / fresh start
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -326,7 +596,7 @@ def main(argv=None):
     if args.resume:  # the run's train_config.json stays as it was written at its start
         start_step = utils.load_train_state(engine, resume_dir, metrics_path)
         run_config = saved_config
-        print0(f"[resume] from {resume_dir} at step {start_step}/{total_steps}")
+        utils.print0(f"[resume] from {resume_dir} at step {start_step}/{total_steps}")
     else:
         if utils.is_rank0() and os.path.exists(metrics_path):
             os.remove(metrics_path)
@@ -337,165 +607,42 @@ def main(argv=None):
         if utils.is_rank0():
             utils.write_json(os.path.join(args.out, "train_config.json"), run_config)
 
-    def log(row):
-        if utils.is_rank0():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    # ---------------------------------------------------------------- epoch diagnostics (Figures 1-2)
-    stats_gen = torch.Generator().manual_seed(args.seed)
-    stats_idx = torch.randperm(len(pairs), generator=stats_gen)[: args.norm_stats_pairs].tolist()
-
-    eval_rewards = {}
-
-    def epoch_diagnostics(epoch):
-        engine.eval()
-        row = {"step": epoch * steps_per_epoch, "epoch": epoch, "epoch/wp_norm": utils.head_weight_norm(hf_model)}
-        if stats_idx:
-            seqs = [pairs[i][0] for i in stats_idx] + [pairs[i][1] for i in stats_idx]
-            _, hidden = utils.score_sequences(forward, seqs, tokenizer.pad_token_id, device, args.eval_batch_size,
-                                              desc=f"norm stats e{epoch}")
-            n = len(stats_idx)
-            diff = (hidden[:n] - hidden[n:]).norm(dim=1).numpy()
-            norms = hidden.norm(dim=1).numpy()
-            row.update({"epoch/hidden_diff_norm_mean": float(diff.mean()), "epoch/hidden_diff_norm_std": float(diff.std()),
-                        "epoch/hidden_diff_norm_skew": float(scipy.stats.skew(diff)),
-                        "epoch/hidden_norm_mean": float(norms.mean()), "epoch/hidden_norm_std": float(norms.std())})
-        if eval_pairs:
-            seqs = [c for c, _ in eval_pairs] + [r for _, r in eval_pairs]
-            rewards, _ = utils.score_sequences(forward, seqs, tokenizer.pad_token_id, device, args.eval_batch_size,
-                                               desc=f"eval e{epoch}")
-            rc, rr = rewards[: len(eval_pairs)], rewards[len(eval_pairs):]
-            eval_rewards[epoch] = {"rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist()}
-            row.update({"eval/accuracy": float((rc > rr).float().mean()),
-                        "eval/loss_bt": float(-F.logsigmoid(rc - rr).mean()),
-                        "eval/reward_mean": float(rewards.mean()), "eval/reward_std": float(rewards.std())})
-        engine.train()
-        log(row)
-        return row
-
-    def save_epoch_checkpoint(epoch):
-        ckpt = os.path.join(args.out, f"epoch-{epoch}")
-        sd = utils.consolidated_state_dict(engine)
-        extra = {"train_config.json": run_config}
-        if epoch in eval_rewards:  # the trainer's own rewards on --eval-file, in file order
-            extra["eval_rewards.json"] = eval_rewards[epoch]
-        utils.save_hf_checkpoint(hf_model, sd, tokenizer, ckpt, extra, prefix="model.")
-        torch.distributed.barrier()
-        return ckpt
-
     # ---------------------------------------------------------------- training loop
+    # the same train pairs every epoch for the ||h_w - h_l|| statistics (Figures 1-2)
+    stats_idx = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))[
+        : args.norm_stats_pairs].tolist()
+    diagnose = functools.partial(epoch_diagnostics, engine, hf_model, pairs, stats_idx, eval_pairs, args, pad_id,
+                                 device)
     if start_step == 0:
-        print0(f"[epoch 0] {epoch_diagnostics(0)}")
+        row, _ = diagnose(0, 0)
+        append_row(metrics_path, row)
+        utils.print0(f"[epoch 0] {row}")
     engine.train()
-    per_rank = args.micro_batch_size
-    exact_prepass = args.loss == "bsr" and args.bsr_scope == "global" and grad_accum > 1
-    seq_len = [(len(c), len(r)) for c, r in pairs]
-    bar = utils.progress(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}", disable=not utils.is_rank0())
+    bar = utils.progress(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}",
+                         disable=not utils.is_rank0())
     batches_epoch, batches = -1, None
     for step in range(start_step, total_steps):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if epoch != batches_epoch:
-            batches, batches_epoch = epoch_batches(len(pairs), args.global_batch_size, epoch, args.seed, pair_len), epoch
+            batches, batches_epoch = epoch_batches(len(pairs), args.global_batch_size, epoch, args.seed,
+                                                   pair_lengths), epoch
         batch = batches[in_epoch]
-        micro = [[batch[g * per_step_pairs + rank * per_rank + i] for i in range(per_rank)] for g in range(grad_accum)]
-        # every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively), so the chunk
-        # count is planned from the whole global batch, which every rank knows
-        n_chunks = max(len(forward_chunks([seq_len[i][0] for i in batch[k: k + per_rank]] +
-                                          [seq_len[i][1] for i in batch[k: k + per_rank]],
-                                          args.max_tokens_per_forward, args.padding_free))
-                       for k in range(0, len(batch), per_rank))
         t0 = time.time()
-        lr_now = scheduler.get_last_lr()[0]
-        token_counts = [0, 0]  # real and processed (padded) tokens of this rank's training forwards
+        lr = scheduler.get_last_lr()[0]
         utils.set_fault_step(step + 1)
-
-        def micro_forward(idx):
-            """Rewards (chosen, rejected) of these pairs; chosen and rejected share the forward(s)."""
-            seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
-            parts = forward_chunks([len(q) for q in seqs], args.max_tokens_per_forward, args.padding_free, n_chunks)
-            order = [j for part in parts for j in part]
-            outs = []
-            for part in parts:
-                chunk = [seqs[j] for j in part]
-                token_counts[0] += sum(len(q) for q in chunk)
-                token_counts[1] += sum(len(q) for q in chunk) if args.padding_free else len(chunk) * len(chunk[0])
-                if args.padding_free:
-                    input_ids, position_ids = utils.pack_batch(chunk, device)
-                    outs.append(engine(input_ids, None, position_ids)[0])
-                else:
-                    outs.append(forward(*utils.pad_batch(chunk, tokenizer.pad_token_id, device))[0])
-            rewards = torch.cat(outs)[torch.argsort(torch.tensor(order, device=device))]  # back to seqs order
-            return rewards[: len(idx)], rewards[len(idx):]
-
-        if exact_prepass:  # every reward of the global batch, to centre over all of B (no grad, same weights)
-            with torch.no_grad():
-                pre = [tuple(utils.all_gather_cat(r) for r in micro_forward(idx)) for idx in micro]
-        losses, bts, all_c, all_r = [], [], [], []
-        finite = torch.ones((), device=device)
-        for g, idx in enumerate(micro):
-            rc, rr = micro_forward(idx)
-            if args.bsr_scope == "micro":  # official code: per device, lam scaled by the per-device batch
-                loss, bt = preference_loss(rc, rr, args.loss, args.lam * len(idx), args.margin)
-                scale = 1.0
-                rc_log, rr_log = utils.all_gather_cat(rc.detach()), utils.all_gather_cat(rr.detach())
-            else:
-                rc_all, rr_all = utils.all_gather_cat(rc), utils.all_gather_cat(rr)
-                if exact_prepass:  # this micro-step's rewards live, the rest of B as constants
-                    rc_all = torch.cat([p[0] for p in pre[:g]] + [rc_all] + [p[0] for p in pre[g + 1:]])
-                    rr_all = torch.cat([p[1] for p in pre[:g]] + [rr_all] + [p[1] for p in pre[g + 1:]])
-                loss, bt = preference_loss(rc_all, rr_all, args.loss, args.lam, args.margin)
-                scale = grad_accum if exact_prepass else 1.0  # DeepSpeed divides by grad_accum
-                rc_log, rr_log = rc_all.detach(), rr_all.detach()
-            if utils.fault_here("nan"):
-                loss = loss * float("nan")
-            finite = finite * torch.isfinite(loss.detach())
-            if g == grad_accum - 1:  # one host sync per step, before the update is applied
-                if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if finite.item() == 0:
-                    print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping, the update "
-                           f"was not applied. {utils.last_good_state(args.out)}")
-                    raise SystemExit(1)
-            engine.backward(loss * scale)
-            engine.step()
-            losses.append(loss.detach())
-            bts.append(bt.detach())
-            if not (exact_prepass and g > 0):
-                all_c.append(rc_log)
-                all_r.append(rr_log)
-
-        # -------------------------------------------------------- per-step log (one host sync)
-        rc_log, rr_log = torch.cat(all_c).float(), torch.cat(all_r).float()
-        loss_v = torch.stack(losses).mean()
-        bt_v = torch.stack(bts).mean()
-        if args.bsr_scope == "micro" and world > 1:
-            lv = torch.stack([loss_v, bt_v])
-            torch.distributed.all_reduce(lv)
-            loss_v, bt_v = lv / world
-        rewards_all = torch.cat([rc_log, rr_log])
-        stats = torch.stack([loss_v, bt_v, (rc_log > rr_log).float().mean(), rewards_all.mean(), rewards_all.std(),
-                             (rc_log - rr_log).mean()]).tolist()
-        if world > 1:
-            counts = torch.tensor(token_counts, dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(counts)
-            token_counts = counts.tolist()
-        dt = time.time() - t0
+        stats, token_counts = train_step(engine, pairs, batch, args, rank, world, pad_id, device, step, epoch)
         n_tokens = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
-        row = {"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
-               "train/loss": stats[0], "train/loss_bt": stats[1], "train/loss_reg": stats[0] - stats[1],
-               "train/accuracy": stats[2], "train/reward_mean": stats[3], "train/reward_std": stats[4],
-               "train/margin_mean": stats[5], "train/lr": lr_now, "train/pairs_per_s": len(batch) / dt, "train/tokens_per_s": n_tokens / dt,
-               "train/padding_fraction": 1 - token_counts[0] / token_counts[1], "train/peak_mem_gb": peak_memory_gb(device)}
-        log(row)
+        append_row(metrics_path, step_row(step + 1, epoch + (in_epoch + 1) / steps_per_epoch, stats, lr, len(batch),
+                                          n_tokens, time.time() - t0, token_counts, device))
         utils.maybe_fault("after_step")
         bar.update(1)
         bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[2]:.3f}")
 
-        # -------------------------------------------------------- epoch end / periodic checkpoints
-        if in_epoch + 1 == steps_per_epoch:
-            print0(f"\n[epoch {epoch + 1}] {epoch_diagnostics(epoch + 1)}")
-            save_epoch_checkpoint(epoch + 1)
+        if in_epoch + 1 == steps_per_epoch:  # epoch end: diagnostics, checkpoint, resume state
+            row, eval_rewards = diagnose(epoch + 1, step + 1)
+            append_row(metrics_path, row)
+            utils.print0(f"\n[epoch {epoch + 1}] {row}")
+            save_epoch_checkpoint(engine, hf_model, tokenizer, args.out, epoch + 1, run_config, eval_rewards)
             utils.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:
             utils.save_train_state(engine, resume_dir, step + 1)
@@ -503,11 +650,12 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- final checkpoint = last epoch
     utils.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
-    torch.distributed.barrier()
-    print0(f"[done] reward model in {args.out} (AutoModelForSequenceClassification.from_pretrained('{args.out}'))")
+    dist.barrier()
+    utils.print0(f"[done] reward model in {args.out} "
+                 f"(AutoModelForSequenceClassification.from_pretrained('{args.out}'))")
     skipped_total = sum(skipped.values()) + sum(eval_skipped.values())
     if skipped_total:
-        print0(f"[data] skipped rows: train {skipped}, eval {eval_skipped} (also in train_config.json)")
+        utils.print0(f"[data] skipped rows: train {skipped}, eval {eval_skipped} (also in train_config.json)")
 
 
 if __name__ == "__main__":

@@ -107,20 +107,6 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def all_gather_cat(t):
-    """Concatenate a tensor from every rank along dim 0, keeping autograd.
-
-    The backward of torch.distributed.nn's all_gather SUMS the incoming gradients over ranks, so a loss
-    computed identically on every rank from the gathered tensor, followed by DeepSpeed's gradient
-    averaging over ranks, yields exactly the gradient of that loss on the concatenated batch.
-    """
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return t
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(t.contiguous()), dim=0)
-
-
 def gather_objects(obj):
     """Every rank's python object, as a list on every rank (rank order)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -467,19 +453,6 @@ def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncat
     return ids
 
 
-def pack_batch(seqs, device=None):
-    """Padding-free: token id lists -> one row (input_ids [1, N], position_ids [1, N]), positions restart at 0.
-
-    transformers turns restarting position_ids into per-sequence attention (varlen kernels with
-    flash_attention_2, a block-diagonal mask with sdpa/eager), so no token attends across sequences.
-    """
-    input_ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
-    position_ids = torch.tensor([[p for s in seqs for p in range(len(s))]], dtype=torch.long)
-    if device is not None:
-        input_ids, position_ids = input_ids.to(device), position_ids.to(device)
-    return input_ids, position_ids
-
-
 def pad_batch(seqs, pad_id, device=None):
     """Right-pad token id lists -> (input_ids, attention_mask) long tensors."""
     width = max(len(s) for s in seqs)
@@ -521,23 +494,14 @@ class RewardModel(nn.Module):
         self.model = model  # the only submodule: state-dict keys are "model." + the HF keys
         reward_head(model)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        """Padded batch: (input_ids, attention_mask). Packed batch (pack_batch): (input_ids, None, position_ids)."""
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        if attention_mask is None:  # packed: one row, a sequence ends where the next position restarts at 0
-            out = backbone(input_ids=input_ids, position_ids=position_ids)
-            if getattr(out, "pooler_output", None) is not None:
-                raise ValueError("padding-free batches need a decoder; encoders read [CLS] of each row")
-            pos = position_ids[0]
-            ends = torch.nonzero(torch.cat([pos[1:] == 0, pos.new_ones(1, dtype=torch.bool)])).squeeze(-1)
-            hidden = out.last_hidden_state[0, ends]
+    def forward(self, input_ids, attention_mask):
+        """A right-padded batch (pad_batch). train_rm.PackedRewardModel also reads packed rows (--padding-free)."""
+        out = getattr(self.model, self.model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask)
+        if getattr(out, "pooler_output", None) is not None:
+            hidden = out.pooler_output
         else:
-            out = backbone(input_ids=input_ids, attention_mask=attention_mask)
-            if getattr(out, "pooler_output", None) is not None:
-                hidden = out.pooler_output
-            else:
-                last = attention_mask.sum(dim=1) - 1
-                hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+            last = attention_mask.sum(dim=1) - 1
+            hidden = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]
         rewards = reward_head(self.model)(hidden).squeeze(-1)
         return rewards, hidden
 
@@ -617,24 +581,6 @@ def check_reward_model(name, flag="--model"):
     if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
         raise SystemExit(f"{flag} {name}: config says {archs} but the weights hold no 'score'/'classifier' "
                          "head; the head would be random")
-
-
-def init_reward_head(model, seed):
-    """Wp ~ N(0, 1/(H+1)) (paper Sec. 2.1), bias zeroed and frozen; works with ZeRO-3 partitioned params."""
-    import deepspeed
-
-    head = reward_head(model)
-    params = [head.weight] + ([head.bias] if head.bias is not None else [])
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-        gen = torch.Generator().manual_seed(seed)
-        std = 1.0 / math.sqrt(head.in_features + 1)
-        w = torch.randn(head.weight.shape, generator=gen, dtype=torch.float32) * std
-        with torch.no_grad():
-            head.weight.copy_(w.to(head.weight.dtype))
-            if head.bias is not None:  # the paper's head is bias-free; a bias would absorb the BSR centring
-                head.bias.zero_()
-    if head.bias is not None:
-        head.bias.requires_grad_(False)
 
 
 def head_weight_norm(model):

@@ -39,11 +39,12 @@ def rows_from(alpaca_dir, n, seed):
 
 def reward_checkpoint(backbone, path, seed):
     """The backbone with a fixed N(0, 1/(H+1)) head, saved: both scoring paths must load the same weights."""
+    import train_rm
     import utils
 
     tok = utils.load_tokenizer(backbone)
     model = utils.load_reward_model(backbone, tok)
-    utils.init_reward_head(model, seed)
+    train_rm.init_reward_head(model, seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -55,6 +56,7 @@ def small_llama(path, texts, seed):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
+    import train_rm
     import utils
 
     tok = Tokenizer(models.BPE())
@@ -70,7 +72,7 @@ def small_llama(path, texts, seed):
                          pad_token_id=fast.pad_token_id, num_labels=1)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)
-    utils.init_reward_head(model, seed)
+    train_rm.init_reward_head(model, seed)
     model.save_pretrained(path)
     return path
 

@@ -81,6 +81,7 @@ def make_work(args, out):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
+    import train_rm
     import utils
 
     preset = dict(PRESETS[args.preset])
@@ -107,7 +108,7 @@ def make_work(args, out):
                          eos_token_id=fast.eos_token_id, num_labels=1, tie_word_embeddings=False, **preset)
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_config(config)
-    utils.init_reward_head(model, args.seed)  # both trainers start from the paper's head
+    train_rm.init_reward_head(model, args.seed)  # both trainers start from the paper's head
     model.save_pretrained(model_dir)
     return {"source": "alpaca_eval" if use_alpaca else "synthetic", "train_rows": n_train,
             "params": sum(p.numel() for p in model.parameters()),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_lm, random_text, read_metrics, run_script
 
 import rloo
+import train_rm
 import utils
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def build_rm(base, out, seed, pad="distinct"):
         base = make_tiny_lm(out + "_base", "llama", pad=pad, seed=seed)
     tok = utils.load_tokenizer(base)
     model = utils.load_reward_model(base, tok)
-    utils.init_reward_head(model, seed)
+    train_rm.init_reward_head(model, seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -10,7 +10,7 @@ import torch
 
 import utils
 from conftest import make_tiny_lm, read_metrics, run_script, write_pairs
-from train_rm import epoch_batches, forward_chunks, load_pairs, preference_loss
+from train_rm import epoch_batches, forward_chunks, init_reward_head, load_pairs, preference_loss
 
 COMMON = ["--lr", "1e-3", "--global-batch-size", "8", "--epochs", "2", "--max-length", "128", "--seed", "0",
           "--save-steps", "2", "--norm-stats-pairs", "16", "--max-train-pairs", "32", "--warmup-ratio", "0.25"]
@@ -131,7 +131,7 @@ def test_two_process_zero3_bt_equals_one_process_on_qwen2(tiny_qwen2, data, tmp_
 def _initial_rewards(model_path, data, order):
     tok = utils.load_tokenizer(model_path)
     model = utils.load_reward_model(model_path, tok).eval()
-    utils.init_reward_head(model, seed=0)
+    init_reward_head(model, seed=0)
     pairs, _ = load_pairs(data["train"], "train", tok, 128, False, 32)
     with torch.no_grad():
         seqs = [pairs[i][0] for i in order] + [pairs[i][1] for i in order]

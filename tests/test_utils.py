@@ -9,7 +9,7 @@ import torch
 
 import utils
 from conftest import make_tiny_lm
-from train_rm import load_pairs
+from train_rm import PackedRewardModel, init_reward_head, load_pairs, pack_batch
 
 
 def _minilm_path():
@@ -42,7 +42,7 @@ def test_rewards_match_a_plain_hf_reload_batched_and_one_by_one(models, kind, tm
     path = _minilm_path() if kind == "minilm" else models[kind]
     tok = utils.load_tokenizer(path)
     model = utils.load_reward_model(path, tok).eval()
-    utils.init_reward_head(model, seed=3)
+    init_reward_head(model, seed=3)
     seqs = [utils.encode_prompt_response(tok, "sort the list one two", r) for r in RESPONSES]
     ids, mask = utils.pad_batch(seqs, tok.pad_token_id)
     with torch.no_grad():
@@ -65,10 +65,10 @@ def test_packed_padding_free_rewards_equal_padded_rewards(models):
     tok = utils.load_tokenizer(models["qwen2"])
     model = utils.load_reward_model(models["qwen2"], tok).eval()
     seqs = [utils.encode_prompt_response(tok, "sort the list one two", r) for r in RESPONSES] + [[5]]
-    rm = utils.RewardModel(model)
+    rm = PackedRewardModel(model)
     with torch.no_grad():
         padded, h_padded = rm(*utils.pad_batch(seqs, tok.pad_token_id))
-        input_ids, position_ids = utils.pack_batch(seqs)
+        input_ids, position_ids = pack_batch(seqs)
         packed, h_packed = rm(input_ids, None, position_ids)
     assert input_ids.shape == (1, sum(map(len, seqs)))
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
@@ -118,7 +118,7 @@ def test_truncation_keeps_bos_and_the_end_of_the_response(models):
 def test_head_init_is_paper_normal_and_bert_bias_is_zero_and_frozen(models):
     tok = utils.load_tokenizer(models["llama"])
     model = utils.load_reward_model(models["llama"], tok)
-    utils.init_reward_head(model, seed=7)
+    init_reward_head(model, seed=7)
     hidden = model.config.hidden_size
     expected = torch.randn((1, hidden), generator=torch.Generator().manual_seed(7)) / math.sqrt(hidden + 1)
     torch.testing.assert_close(model.score.weight.data, expected)
@@ -126,7 +126,7 @@ def test_head_init_is_paper_normal_and_bert_bias_is_zero_and_frozen(models):
 
     bert_tok = utils.load_tokenizer(_minilm_path())
     bert = utils.load_reward_model(_minilm_path(), bert_tok)
-    utils.init_reward_head(bert, seed=7)
+    init_reward_head(bert, seed=7)
     assert bert.classifier.bias.abs().sum().item() == 0 and not bert.classifier.bias.requires_grad
     # 384-dim head: ||Wp|| concentrates near 1, as the paper's Figure 1 assumes at init
     assert abs(utils.head_weight_norm(bert) - 1.0) < 0.15

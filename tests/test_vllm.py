@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, make_tiny_lm, make_tokenizer, random_text, read_metrics, run_script
 
+import train_rm
 import utils
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -60,7 +61,7 @@ def world(policy, tmp_path_factory):
     rm = str(d / "rm")
     tok = utils.load_tokenizer(policy)
     model = utils.load_reward_model(policy, tok)
-    utils.init_reward_head(model, 5)
+    train_rm.init_reward_head(model, 5)
     model.save_pretrained(rm)
     tok.save_pretrained(rm)
     for name, n, seed in (("rl_prompts.jsonl", 16, 0), ("rl_eval_prompts.jsonl", 6, 1)):
