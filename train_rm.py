@@ -25,7 +25,6 @@ train_config.json, metrics.jsonl (per step and per epoch), epoch-N/ (a checkpoin
 
 import argparse
 import functools
-import json
 import math
 import os
 import resource
@@ -475,12 +474,6 @@ def step_row(step, epoch_progress, stats, lr, n_pairs, n_tokens, seconds, token_
             "train/peak_mem_gb": peak_memory_gb(device)}
 
 
-def append_row(path, row):
-    if utils.is_rank0():
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 # ===================================================================================================
 # Epoch end: diagnostics (Figures 1-2, eval accuracy) and the checkpoint
 # ===================================================================================================
@@ -615,7 +608,7 @@ def main(argv=None):
                                  device)
     if start_step == 0:
         row, _ = diagnose(0, 0)
-        append_row(metrics_path, row)
+        utils.append_jsonl(metrics_path, [row])
         utils.print0(f"[epoch 0] {row}")
     engine.train()
     bar = utils.progress(total=total_steps, initial=start_step, desc=f"train_rm {args.loss}",
@@ -632,15 +625,16 @@ def main(argv=None):
         utils.set_fault_step(step + 1)
         stats, token_counts = train_step(engine, pairs, batch, args, rank, world, pad_id, device, step, epoch)
         n_tokens = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
-        append_row(metrics_path, step_row(step + 1, epoch + (in_epoch + 1) / steps_per_epoch, stats, lr, len(batch),
-                                          n_tokens, time.time() - t0, token_counts, device))
+        row = step_row(step + 1, epoch + (in_epoch + 1) / steps_per_epoch, stats, lr, len(batch), n_tokens,
+                       time.time() - t0, token_counts, device)
+        utils.append_jsonl(metrics_path, [row])
         utils.maybe_fault("after_step")
         bar.update(1)
         bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[2]:.3f}")
 
         if in_epoch + 1 == steps_per_epoch:  # epoch end: diagnostics, checkpoint, resume state
             row, eval_rewards = diagnose(epoch + 1, step + 1)
-            append_row(metrics_path, row)
+            utils.append_jsonl(metrics_path, [row])
             utils.print0(f"\n[epoch {epoch + 1}] {row}")
             save_epoch_checkpoint(engine, hf_model, tokenizer, args.out, epoch + 1, run_config, eval_rewards)
             utils.save_train_state(engine, resume_dir, step + 1)
