@@ -37,7 +37,8 @@ import scipy.stats
 import torch
 
 import utils
-from report import DOMAINS, PAIRS, SCENARIOS, fmt_number, load_rloo, rloo_report, run_settings, seed_groups, write_report
+from report import (DOMAINS, PAIRS, SCENARIOS, fmt_number, load_rloo, rloo_report, run_settings, seed_groups,
+                    write_report)
 from utils import DataError, print0
 
 # SCENARIOS, PAIRS (the --pairs set prefix) and DOMAINS (RM-Bench's) are report.py's, which lays out the tables by them
@@ -440,7 +441,7 @@ def score_set(forward, tokenizer, s, args, max_length, device, desc):
             bounds.append(int(o))
     for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         r, h = utils.score_sequences(forward, seqs[a:b], tokenizer.pad_token_id, device, args.batch_size,
-                               desc=f"{desc} {c + 1}/{len(bounds) - 1}")
+                                     desc=f"{desc} {c + 1}/{len(bounds) - 1}")
         rewards[a:b], hnorm[a:b] = r, h.norm(dim=1)
         if hidden_sample is None:
             hidden_sample = torch.zeros(len(sample), h.shape[1])

@@ -30,8 +30,9 @@ SEED_TABLE = (("id/accuracy", "In-Domain (Acc ↑)"), ("prompt_ood/kendall_tau",
               ("erank/gap/mutual_ood", "erank Δ mutual OOD"), ("length_corr/response_ood", "length corr. resp. OOD"))
 
 # the flags that say how each run was made: (report name, key in the run's *_config.json "args")
-RM_SETTINGS = (("loss", "loss"), ("λ", "lam"), ("lr", "lr"), ("epochs", "epochs"), ("global batch", "global_batch_size"),
-               ("micro batch", "micro_batch_size"), ("max length", "max_length"), ("seed", "seed"))
+RM_SETTINGS = (("loss", "loss"), ("λ", "lam"), ("lr", "lr"), ("epochs", "epochs"),
+               ("global batch", "global_batch_size"), ("micro batch", "micro_batch_size"), ("max length", "max_length"),
+               ("seed", "seed"))
 RLOO_SETTINGS = (("β (KL)", "beta"), ("lr", "lr"), ("epochs", "epochs"), ("global batch", "global_batch_size"),
                  ("k", "k"), ("max new tokens", "max_new_tokens"), ("seed", "seed"))
 

@@ -337,7 +337,7 @@ def sync_vllm_weights(llm, module, zero3):
 
 
 def make_plots(out, rows, title):
-    """Figure 5 of this run, drawn by report.py (as eval_rm.py --rloo draws it for several runs): plots/fig5_rloo.png."""
+    """plots/fig5_rloo.png: Figure 5 of this run, drawn by report.py as eval_rm.py --rloo draws it for several runs."""
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     report.figure5(os.path.join(out, "plots"), {title: report.split_rloo_rows(rows)})
 
