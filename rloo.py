@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+import report
 import utils
 from toy_world import gold_reward
 from utils import print0
@@ -652,41 +653,9 @@ def save_final(run, run_config, total_steps):
 
 
 def make_plots(out, rows, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """plots/fig5_rloo.png: Figure 5 of this run, drawn by report.py as eval_rm.py --rloo draws it for several runs."""
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-    train = [r for r in rows if "train/kl" in r]
-    gold = [r for r in rows if "gold/reward" in r]
-
-    def col(rs, key):
-        return [r[key] for r in rs]
-
-    for name, xlabel, ylabel in (("reward_vs_kl", "KL(pi || pi_ref) per sequence", "proxy reward r(x, y)"),
-                                 ("gold_vs_step", "step", "gold reward r* (held-out prompts)"),
-                                 ("length_vs_step", "step", "response length (tokens)")):
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        if name == "reward_vs_kl":  # Figure 5a-b: points coloured by step, and the smoothed trend (no zigzag)
-            sc = ax.scatter(col(train, "train/kl"), col(train, "train/proxy_reward"), c=col(train, "step"), s=14)
-            if train:
-                ax.plot(*utils.reward_vs_kl_trend(train), color="black", lw=1.5, label="trend (moving average)")
-                ax.legend(fontsize=8)
-            fig.colorbar(sc, ax=ax, label="step")
-        elif name == "gold_vs_step" and gold:  # Figure 5c-d
-            ax.errorbar(col(gold, "step"), col(gold, "gold/reward"), yerr=col(gold, "gold/reward_sem"), marker="o",
-                        capsize=3)
-        elif name == "length_vs_step":
-            ax.plot(col(train, "step"), col(train, "train/response_length"), label="training samples")
-            if gold:
-                ax.plot(col(gold, "step"), col(gold, "gold/response_length"), "o-", label="held-out prompts")
-            ax.legend()
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel.split(' (')[0]}: {title}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "plots", f"{name}.png"), dpi=120)
-        plt.close(fig)
+    report.figure5(os.path.join(out, "plots"), {title: report.split_rloo_rows(rows)})
 
 
 def write_summary(out, rows, args, total_steps):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole paper, end to end: make_data -> sft -> train_rm (each loss, lambda, seed) -> eval_rm -> rloo (one policy
-# per RM: bt and bsr) -> results/.
+# The whole paper, end to end: make_data -> sft -> train_rm (each loss, lambda, seed) -> rloo (one policy per RM: bt
+# and bsr) -> eval_rm (every RM, and the RLOO runs) -> results/.
 #
 #   bash run_all.sh                        the toy world: offline, CPU, <= 15 minutes on 2 cores
 #   bash run_all.sh test                   the test suite
@@ -186,11 +186,7 @@ for seed in $SEEDS; do
   done
 done
 
-# ------------------------------------------------------------------------------------------------- 4. evaluation
-stage eval "$RUNS/eval/report.json" "$RUNS/eval" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
-  "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" --cache-dir "$RUNS/eval_cache" --out "$RUNS/eval"
-
-# ------------------------------------------------------------------------------------------------- 5. RLOO, one policy per RM
+# ------------------------------------------------------------------------------------------------- 4. RLOO, one policy per RM
 first_seed=${SEEDS%% *}
 RLOO_REPORT=()
 for loss in bt bsr; do
@@ -204,8 +200,8 @@ for loss in bt bsr; do
   RLOO_REPORT+=(--rloo "pi_$loss=$out")
 done
 
-# ------------------------------------------------------------------------------------------------- 6. report
-# the reward models' scores come from the cache written in step 4; the RLOO summaries are added
-stage report "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
+# ------------------------------------------------------------------------------------------------- 5. evaluation and report
+# one evaluation of every RM, with the RLOO runs' tables and Figure 5; the scores are cached in RUNS/eval_cache
+stage eval "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
   "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
 [[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"

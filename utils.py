@@ -197,27 +197,6 @@ def model_label(path):
     return parts[-1]
 
 
-def moving_average(values, window):
-    """Centred moving average over `window` consecutive values (the smoothed trend of a per-step curve); near the
-    ends, the mean of the values that exist in the window."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=float)
-    half = max(0, int(window) // 2)
-    return np.array([v[max(0, i - half): i + half + 1].mean() for i in range(len(v))])
-
-
-def reward_vs_kl_trend(rows):
-    """Figure 5a-b's trend: (kl, proxy reward) of RLOO's per-step rows, each smoothed over ~1/5 of the steps.
-
-    KL is not monotone in the step, so joining the raw points in step order zigzags across the panel; the plots draw
-    the raw points coloured by step and this smoothed path on top.
-    """
-    kl = [r["train/kl"] for r in rows]
-    window = max(3, len(kl) // 5) | 1  # odd, so centred; at least 3 steps, or a short run would not be smoothed
-    return moving_average(kl, window), moving_average([r["train/proxy_reward"] for r in rows], window)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Data reading: errors name the file, the line and the field
 # ---------------------------------------------------------------------------------------------------

@@ -166,7 +166,6 @@ def test_model_source_check_names_the_problem(tmp_path, monkeypatch):
 
 
 def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
-    import eval_rm
     import rloo
     import sft
     import train_rm
@@ -179,7 +178,7 @@ def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
               "--policy"),
              (rloo.main, ["--policy", str(tmp_path), "--reward-model", missing, "--prompts", "p.jsonl", "--out", out],
               "--policy"),  # a folder without config.json
-             (eval_rm.check_reward_checkpoint, missing, "--model")]
+             (utils.check_reward_model, missing, "--model")]
     for main, argv, flag in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)

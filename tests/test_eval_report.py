@@ -12,14 +12,16 @@ import torch
 import eval_rm
 import utils
 from conftest import write_pairs
+from report import (figure5, load_rloo, moving_average, reward_vs_kl_trend, rloo_report, run_settings,
+                    seed_groups, wp_norm_figure, write_report_md)
 
 
 # ------------------------------------------------------------------------------------------ Figure 5: trend
 
 
 def test_moving_average_by_hand():
-    assert utils.moving_average([0, 3, 0, 3], 3).tolist() == [1.5, 1.0, 2.0, 1.5]
-    assert utils.moving_average([1, 2, 3, 4, 5], 1).tolist() == [1, 2, 3, 4, 5]
+    assert moving_average([0, 3, 0, 3], 3).tolist() == [1.5, 1.0, 2.0, 1.5]
+    assert moving_average([1, 2, 3, 4, 5], 1).tolist() == [1, 2, 3, 4, 5]
 
 
 def _rloo_rows(n=40):
@@ -30,17 +32,17 @@ def _rloo_rows(n=40):
 
 def test_reward_vs_kl_trend_is_the_moving_average_and_does_not_zigzag():
     rows = _rloo_rows()
-    kl, reward = utils.reward_vs_kl_trend(rows)
+    kl, reward = reward_vs_kl_trend(rows)
     window = 9  # 40 steps // 5 = 8 -> odd 9
-    np.testing.assert_allclose(kl, utils.moving_average([r["train/kl"] for r in rows], window))
-    np.testing.assert_allclose(reward, utils.moving_average([r["train/proxy_reward"] for r in rows], window))
+    np.testing.assert_allclose(kl, moving_average([r["train/kl"] for r in rows], window))
+    np.testing.assert_allclose(reward, moving_average([r["train/proxy_reward"] for r in rows], window))
 
     def path_length(x):  # how far the line travels along the KL axis
         return float(np.abs(np.diff(x)).sum())
 
     raw = [r["train/kl"] for r in rows]
     assert path_length(kl) < 0.3 * path_length(raw)  # the step-order line zigzagged 1.0 per step; the trend does not
-    assert len(utils.reward_vs_kl_trend(rows[:4])[0]) == 4  # a short run is still smoothed (window 3)
+    assert len(reward_vs_kl_trend(rows[:4])[0]) == 4  # a short run is still smoothed (window 3)
 
 
 def test_both_figure5_plots_are_written(tmp_path):
@@ -48,12 +50,12 @@ def test_both_figure5_plots_are_written(tmp_path):
 
     rows = _rloo_rows() + [{"step": 0, "gold/reward": 0.1, "gold/reward_sem": 0.01, "gold/response_length": 9.0}]
     rloo.make_plots(str(tmp_path), rows, "RM bsr/seed1")
-    assert os.path.getsize(tmp_path / "plots" / "reward_vs_kl.png") > 10000
+    assert os.path.getsize(tmp_path / "plots" / "fig5_rloo.png") > 10000
     folder = tmp_path / "pi"
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps({"reward_model": "rm", "steps": 40}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert eval_rm.plot_rloo(str(tmp_path), eval_rm.load_rloo([f"pi={folder}"])) == ["fig5_rloo.png"]
+    assert figure5(str(tmp_path), load_rloo([f"pi={folder}"])) == ["fig5_rloo.png"]
     assert os.path.getsize(tmp_path / "fig5_rloo.png") > 10000
 
 
@@ -67,7 +69,7 @@ def test_fig1_title_fits_and_bar_values_clear_the_dashed_line(n_models):
     matplotlib.use("Agg")
     labels = [f"bsr_lam1e-3/seed{i}" for i in range(n_models)]
     values = [1.0 + 0.01 * i for i in range(n_models)]  # trained norms sit near the initialisation's 1
-    fig = eval_rm.wp_norm_figure(labels, values, ["C0"] * n_models)
+    fig = wp_norm_figure(labels, values, ["C0"] * n_models)
     fig.tight_layout()
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -133,14 +135,14 @@ def _world(tmp_path, norm_std):
     (rloo_dir / "metrics.jsonl").write_text(json.dumps({"step": 64, "train/kl": 1.0, "train/proxy_reward": 2.0,
                                                         "train/response_length": 9.0}) + "\n")
     report = {"models": models, "gold": {}, "data": {}}
-    report["groups"] = eval_rm.seed_groups(models)
-    report["rloo"] = eval_rm.rloo_report(eval_rm.load_rloo([f"pi_bsr={rloo_dir}"]),
+    report["groups"] = seed_groups(models)
+    report["rloo"] = rloo_report(load_rloo([f"pi_bsr={rloo_dir}"]),
                                          {label: m["model"] for label, m in models.items()})
-    report["settings"] = eval_rm.run_settings(report)
+    report["settings"] = run_settings(report)
     sets = [types.SimpleNamespace(name=n, sizes=[2], source=f"{n}.jsonl", rows_read=1, responses=[0, 1], skipped={})
             for n in ("id", "mutual_ood", "train")]
     path = tmp_path / "report.md"
-    eval_rm.write_report_md(str(path), report, sets, [])
+    write_report_md(str(path), report, sets, [])
     return report, path.read_text()
 
 
@@ -172,9 +174,9 @@ def test_labels_keep_their_slash_and_only_cache_file_names_replace_it(tmp_path):
     s = types.SimpleNamespace(name="id", sources=["x.jsonl"])
     paths, _ = eval_rm.cache_plan(str(tmp_path), "bt/seed1", [s], args)
     assert os.path.dirname(paths["id"]) == str(tmp_path) and os.path.basename(paths["id"]).startswith("bt_seed1-id-")
-    assert eval_rm.model_label("runs/toy/rm/bt/seed1") == "bt/seed1"
-    assert eval_rm.model_label("runs/rm_bsr/epoch-2") == "rm_bsr/epoch-2"
-    assert eval_rm.model_label("runs/rm_bsr") == "rm_bsr"
+    assert utils.model_label("runs/toy/rm/bt/seed1") == "bt/seed1"
+    assert utils.model_label("runs/rm_bsr/epoch-2") == "rm_bsr/epoch-2"
+    assert utils.model_label("runs/rm_bsr") == "rm_bsr"
 
 
 def test_rloo_summary_names_the_reward_model_by_method(tmp_path):

@@ -14,6 +14,7 @@ from conftest import REPO, random_text, run_script
 
 import eval_rm
 import utils
+from report import figure5, load_rloo, mean_pm_std, rloo_report, seed_groups
 from utils import DataError
 
 SCENARIOS = ("prompt_ood", "response_ood", "mutual_ood")
@@ -292,11 +293,12 @@ def test_model_without_head_is_refused(tmp_path, tiny_llama):
     from transformers import BertConfig, BertModel
 
     with pytest.raises(SystemExit, match=r"not a reward model \(config.architectures = \['LlamaForCausalLM'\]\)"):
-        eval_rm.check_reward_checkpoint(tiny_llama)
+        eval_rm.main(["--model", tiny_llama, "--data-dir", write_data_dir(str(tmp_path / "data"), n_prompts=4),
+                      "--out", str(tmp_path / "eval")])
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
     with pytest.raises(SystemExit, match=r"not a reward model \(config.architectures = \['BertModel'\]\)"):
-        eval_rm.check_reward_checkpoint(str(tmp_path / "bert"))
+        utils.check_reward_model(str(tmp_path / "bert"), "--model")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,14 +511,14 @@ def test_seed_groups_mean_and_std_by_hand():
               "bsr_seed1": {"id/accuracy": 0.7, "wp_norm": float("nan"), "model": "c"},
               "bsr_seed2": {"id/accuracy": 0.9, "wp_norm": 1.1, "model": "d"},
               "third_party": {"id/accuracy": 0.5, "model": "e"}}
-    groups = eval_rm.seed_groups(models)
+    groups = seed_groups(models)
     assert sorted(groups) == ["bsr", "bt"]  # an unseeded label is not grouped
     assert groups["bt"]["members"] == ["bt/seed1", "bt/seed2"]
     assert groups["bt"]["id/accuracy"]["mean"] == pytest.approx(0.7)
     assert groups["bt"]["id/accuracy"]["std"] == pytest.approx(0.1414213562, rel=1e-6)  # sample std, ddof=1
     assert groups["bsr"]["wp_norm"] == {"mean": pytest.approx(1.1), "std": 0.0, "n": 1}  # NaN seed left out
-    assert eval_rm._mean_std(groups["bt"]["id/accuracy"]) == "0.7000 ± 0.1414"
-    assert eval_rm._mean_std(groups["bsr"]["wp_norm"]) == "1.1000"  # one seed: no "± 0"
+    assert mean_pm_std(groups["bt"]["id/accuracy"]) == "0.7000 ± 0.1414"
+    assert mean_pm_std(groups["bsr"]["wp_norm"]) == "1.1000"  # one seed: no "± 0"
 
 
 def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
@@ -529,11 +531,11 @@ def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
         {"step": s, "train/kl": 0.1 * s, "train/proxy_reward": 0.2 * s, "train/response_length": 15.0} for s in (1, 2, 3, 4)
     ] + [{"step": 4, "gold/reward": 0.5, "gold/reward_sem": 0.04, "gold/response_length": 12.0}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = eval_rm.load_rloo([f"pi_bt={folder}"])
-    block = eval_rm.rloo_report(runs)["pi_bt"]
+    runs = load_rloo([f"pi_bt={folder}"])
+    block = rloo_report(runs)["pi_bt"]
     assert block["sft"] == sft and block["final"] == final
     assert block["train/kl"] == pytest.approx(0.4) and block["train/proxy_reward"] == pytest.approx(0.8)
-    assert eval_rm.plot_rloo(str(tmp_path), runs) == ["fig5_rloo.png"]
+    assert figure5(str(tmp_path), runs) == ["fig5_rloo.png"]
     assert os.path.getsize(tmp_path / "fig5_rloo.png") > 10000
     with pytest.raises(SystemExit):
         eval_rm.parse_args(["--model", "m", "--data-dir", "d", "--out", "o", "--rloo", f"pi={tmp_path}"])

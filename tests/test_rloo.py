@@ -244,8 +244,8 @@ def test_rloo_steps_change_the_policy_and_log_every_key(world, full_run, tiny_ll
     # config, plots, summary (Table 3 layout: SFT row = step 0, RLOO row = the last step)
     cfg = json.load(open(os.path.join(full_run, "rloo_config.json")))
     assert cfg["total_steps"] == 4 and cfg["grad_accum"] == 2
-    for name in ("reward_vs_kl.png", "gold_vs_step.png", "length_vs_step.png"):
-        assert os.path.getsize(os.path.join(full_run, "plots", name)) > 5000
+    assert os.listdir(os.path.join(full_run, "plots")) == ["fig5_rloo.png"]  # Figure 5: report.figure5, 3 panels
+    assert os.path.getsize(os.path.join(full_run, "plots", "fig5_rloo.png")) > 5000
     summary = json.load(open(os.path.join(full_run, "summary.json")))
     assert summary["sft"]["gold_reward"] == golds[0]["gold/reward"]
     assert summary["rloo"]["gold_reward"] == golds[-1]["gold/reward"]

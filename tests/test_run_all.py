@@ -44,7 +44,7 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
         summary = json.load(open(rloo / "summary.json"))
         assert summary["reward_model"] == str(rm) and summary["sft"]["step"] == 0
         assert (rloo / "model.safetensors").exists()
-    assert (runs / "eval" / "report.json").exists()
+    assert not (runs / "eval").exists()  # one evaluation, straight to results/ (it reads the RLOO runs)
 
     results = runs / "results"
     report = json.load(open(results / "report.json"))
@@ -72,7 +72,7 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
     # 3. a third run finds every output and skips every stage
     again = run_all(runs)
     assert again.returncode == 0
-    for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "eval", "rloo bt", "rloo bsr", "report"):
+    for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "rloo bt", "rloo bsr", "eval"):
         assert f"[run_all] {stage}: done" in again.stdout, stage
     assert json.load(open(results / "report.json")) == report
 
@@ -104,7 +104,7 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
         commands = dry_run_commands(runs, **env)
         scripts = [s for s, _ in commands]
         assert scripts[0] == "make_data" and "sft" in scripts and "train_rm" in scripts and scripts[-1] == "eval_rm"
-        assert scripts.count("rloo") == 2
+        assert scripts.count("rloo") == 2 and scripts.count("eval_rm") == 1  # one evaluation, after RLOO
         for loss in ("bt", "bsr"):  # eval_rm checks that --rloo folders hold a summary
             (runs / "rloo" / loss).mkdir(parents=True, exist_ok=True)
             (runs / "rloo" / loss / "summary.json").write_text("{}")
@@ -160,7 +160,7 @@ def test_smol_preset_commands_parse_and_chain_the_converted_model(tmp_path):
     sample.write_text("[]")
     commands = dry_run_commands(runs, PRESET="smol", RM_BENCH_SAMPLE=str(sample), VLLM="1")
     scripts = [s for s, _ in commands]
-    assert scripts == ["convert_gguf", "make_data", "sft", "train_rm", "train_rm", "eval_rm", "rloo", "rloo", "eval_rm"]
+    assert scripts == ["convert_gguf", "make_data", "sft", "train_rm", "train_rm", "rloo", "rloo", "eval_rm"]
     for loss in ("bt", "bsr"):
         (runs / "rloo" / loss).mkdir(parents=True, exist_ok=True)
         (runs / "rloo" / loss / "summary.json").write_text("{}")

@@ -142,10 +142,8 @@ def test_causal_lm_as_reward_model_is_refused_by_every_loader(tmp_path, tiny_lla
     with pytest.raises(SystemExit, match=r"--head-init keep\) .*: not a reward model"):
         train_rm.main(["--model", tiny_llama, "--train-file", pairs, "--out", str(tmp_path / "rm"),
                        "--head-init", "keep"])
-    import eval_rm
-
     with pytest.raises(SystemExit, match="not a reward model"):
-        eval_rm.check_reward_checkpoint(tiny_llama)
+        utils.check_reward_model(tiny_llama, "--model")  # eval_rm.py's check (its end-to-end refusal: test_eval_rm)
     assert not (tmp_path / "rloo").exists() and not (tmp_path / "rm").exists()
     # a real reward model passes the shared check
     tok = utils.load_tokenizer(tiny_llama)
