@@ -69,8 +69,8 @@ end, one sample per --gold-prompts prompt (held out, same sampling settings, fix
 rloo_config.json, metrics.jsonl (per step: 'train/proxy_reward', 'train/kl', 'train/response_length',
 'train/entropy', 'train/advantage_mean|std', 'time/generation|scoring|training', ...; per gold
 evaluation: 'gold/reward', 'gold/response_length', ...), gold_samples.jsonl (every scored held-out
-sample), plots/reward_vs_kl.png (Fig. 5a-b), plots/gold_vs_step.png (Fig. 5c-d),
-plots/length_vs_step.png, summary.json + summary.md (Table 3 layout), resume/ (for --resume).
+sample), plots/fig5_rloo.png (Fig. 5: proxy reward vs KL, gold reward and held-out length vs step; drawn by
+report.figure5, as in eval_rm.py's report), summary.json + summary.md (Table 3 layout), resume/ (for --resume).
 Bad prompt rows: an error naming file:line and field; empty or over-long prompts are skipped and counted.
 """
 
