@@ -95,7 +95,7 @@ def is_finished(out, record):
 
 def convert(gguf_path, tmp):
     """Write the plain HF folder for gguf_path into tmp; returns a short summary dict."""
-    import torch
+    import torch  # here, not at the top: a cached conversion (run_all.sh calls this every time) returns in 0.1 s
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
