@@ -43,12 +43,9 @@ def init_distributed():
     import deepspeed
 
     _deepspeed_op_builds()
+    own_port = "RANK" not in os.environ and "MASTER_PORT" not in os.environ
     if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -59,8 +56,18 @@ def init_distributed():
         # `import deepspeed.comm.torch as m` would bind the torch library, an attribute of deepspeed.comm.)
         device = torch.device("cpu")
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    for attempt in range(5):
+        if own_port:  # a free port; another process may take it before we listen on it, so a refusal retries
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        try:
+            if not torch.distributed.is_initialized():
+                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+            break
+        except torch.distributed.DistNetworkError:
+            if not own_port or attempt == 4:
+                raise
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device
 
 

@@ -336,3 +336,29 @@ def test_resume_refuses_changed_flags_world_size_or_stage(tmp_path):
         utils.check_resume(str(cfg), argparse.Namespace(lr=2e-3), 2, same)
     with pytest.raises(SystemExit, match="ZeRO stage 3 on 2 processes; resume with 2 processes and --zero-stage 3"):
         utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 1, {"zero_optimization": {"stage": 0}})
+
+
+def test_init_distributed_retries_when_its_free_port_is_taken():
+    """One process picks a free port for its world of one; another process can take that port before the store
+    listens (EADDRINUSE, seen when several runs start at once). The start must retry with another port."""
+    import subprocess
+    import sys
+
+    code = """
+import os, socket, utils
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen(); busy = taken.getsockname()[1]
+real_socket, calls = socket.socket, []
+class FirstBindGetsTheBusyPort(real_socket):
+    def getsockname(self):
+        calls.append(1)
+        return ("127.0.0.1", busy) if len(calls) == 1 else super().getsockname()
+utils.socket.socket = FirstBindGetsTheBusyPort
+rank, world, _, _ = utils.init_distributed()
+print(rank, world, len(calls), os.environ["MASTER_PORT"] != str(busy))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["0", "1", "2", "True"]  # a second port was picked, and the start worked
