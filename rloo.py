@@ -376,8 +376,9 @@ def sync_vllm_weights(llm, module, zero3):
     """
     import deepspeed  # after utils.quiet_libraries() (it logs on import), like every deepspeed import here
 
-    def named_weights():
-        for name, param in module.named_parameters():
+    def named_weights():  # remove_duplicate=False: a tied head (SmolLM2, Qwen2.5-1.5B, Llama-3.2) is named twice,
+        # and vLLM's layer-wise reload needs lm_head.weight too, or it keeps its old head and drops the whole update
+        for name, param in module.named_parameters(remove_duplicate=False):
             if zero3:
                 with deepspeed.zero.GatheredParameters([param]):
                     yield name, param.data.detach().clone()

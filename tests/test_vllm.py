@@ -139,6 +139,50 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
     assert any(fin for _, fin in want) and any(not fin and len(t) == n for t, fin in want)  # both endings seen
 
 
+TIED_SYNC = """
+import sys; sys.path.insert(0, {repo!r})
+import json, torch, rloo, utils
+from transformers import AutoModelForCausalLM
+from vllm import SamplingParams
+llm = utils.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625)
+hf = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
+assert hf.lm_head.weight is hf.model.embed_tokens.weight
+with torch.no_grad():  # a training update of every weight, the tied embedding/head included
+    g = torch.Generator().manual_seed(1)
+    for p in hf.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.5)
+rloo.sync_vllm_weights(llm, hf, zero3=False)
+seqs = {seqs!r}
+outs = llm.generate([{{"prompt_token_ids": s}} for s in seqs], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                    use_tqdm=False)
+print("RESULT", json.dumps([[o.prompt_logprobs[t][s[t]].logprob for t in range(1, len(s))] for o, s in zip(outs, seqs)]))
+hf.save_pretrained({model!r} + "_updated")
+"""
+
+
+def test_weight_sync_reaches_a_tied_lm_head(tmp_path):
+    """SmolLM2 (and Qwen2.5-1.5B, Llama-3.2) tie lm_head to the embedding: named_parameters() names that tensor
+    once, and vLLM's layer-wise reload then kept its old head and dropped the update (log-probs off by ~38)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = str(tmp_path / "tied")
+    tok = make_tokenizer(path, pad="eos")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    seqs = [[5, 17, 40, 9, 33, 60, 2, 71, 8, 12], [3, 4, 90, 91, 92, 11, 1]]
+    proc = subprocess.run([sys.executable, "-c", TIED_SYNC.format(repo=REPO, model=path, seqs=seqs)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                                **VLLM_ENV))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    engine = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert max_diff(engine, hf_logprobs(path + "_updated", seqs)) < TOL
+    assert max_diff(engine, hf_logprobs(path, seqs)) > 1.0  # the update is large: a stale engine cannot pass
+
+
 # ---------------------------------------------------------------------------------------------------
 # rloo.py --vllm: the engine holds the trainer's weights
 # ---------------------------------------------------------------------------------------------------
