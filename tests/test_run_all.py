@@ -15,6 +15,10 @@ def run_all(runs, env=None):
     full = {**os.environ, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
             **(env or {})}
     full.pop("RESULTS", None)
+    # an earlier in-process test (eval_rm.main, ...) left this pytest process's torch.distributed settings in
+    # os.environ, its store still listening on MASTER_PORT: a stage must start its own world, as from a shell
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full.pop(k, None)
     return subprocess.run(["bash", "run_all.sh"], cwd=REPO, env=full, capture_output=True, text=True, timeout=900)
 
 
