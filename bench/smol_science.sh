@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Results 3 (README): the toy world on SmolLM2-135M-Instruct, beyond the smol preset's single seed.
+# After `PRESET=smol bash run_all.sh` (RUNS=runs/smol): BT and BSR (lambda 1e-3) with a second seed, and BSR with a
+# large lambda (1e-1, so that train/loss_reg is not negligible next to train/loss_bt), same flags as the preset;
+# then one evaluation of all five reward models with the preset's two RLOO runs (seed-1 RMs).
+# A stage whose config.json exists is skipped; an interrupted training resumes (--resume).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+R=${RUNS:-runs/smol}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256
+         --max-tokens-per-forward 1024 --norm-stats-pairs 64 --eval-batch-size 32 --save-steps 0)
+train() {  # name loss lam seed
+  local out=$R/rm/$1/seed$4 extra=()
+  if [[ -e $out/config.json ]]; then echo "[science] $1 seed $4: done"; return; fi
+  if [[ -e $out/resume/latest ]]; then extra=(--resume); fi
+  echo "[science] $1 seed $4"; local t0=$SECONDS
+  "$PY" train_rm.py --model "$R/sft" --train-file "$R/data/train.jsonl" --out "$out" --loss "$2" --lam "$3" \
+    --seed "$4" "${RM_ARGS[@]}" "${extra[@]}"
+  echo "[science] $1 seed $4: finished in $((SECONDS - t0)) s"
+}
+train bt bt 1e-3 2
+train bsr bsr 1e-3 2
+train bsr_lam1e-1 bsr 1e-1 1
+MODELS=()
+for m in bt/seed1 bt/seed2 bsr/seed1 bsr/seed2 bsr_lam1e-1/seed1; do MODELS+=(--model "$R/rm/$m" --name "$m"); done
+BENCH=(); [[ -f ../shared/data/rm_bench/sample.json ]] && BENCH=(--rm-bench ../shared/data/rm_bench/sample.json)
+if [[ ! -e $R/results_science/report.json ]]; then
+  t0=$SECONDS
+  "$PY" eval_rm.py "${MODELS[@]}" --data-dir "$R/data" "${BENCH[@]}" --max-length 256 --train-pairs 128 \
+    --batch-size 32 --rloo "pi_bt=$R/rloo/bt" --rloo "pi_bsr=$R/rloo/bsr" --cache-dir "$R/eval_cache" \
+    --out "$R/results_science"
+  echo "[science] eval: finished in $((SECONDS - t0)) s"
+fi
+echo "[science] done: $R/results_science/report.md"
