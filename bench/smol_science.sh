@@ -3,14 +3,15 @@
 # After `PRESET=smol bash run_all.sh` (RUNS=runs/smol): BT and BSR (lambda 1e-3) with a second seed, and BSR with a
 # large lambda (1e-1, so that train/loss_reg is not negligible next to train/loss_bt), same flags as the preset;
 # then one evaluation of all five reward models with the preset's two RLOO runs (seed-1 RMs).
-# A stage whose config.json exists is skipped; an interrupted training resumes (--resume).
+# A stage whose config.json exists is skipped; an interrupted training resumes (--resume; a resume state every 2
+# steps: --save-steps may differ from the preset, it changes no weight).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 R=${RUNS:-runs/smol}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 RM_ARGS=(--lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 --max-length 256
-         --max-tokens-per-forward 1024 --norm-stats-pairs 64 --eval-batch-size 32 --save-steps 0)
+         --max-tokens-per-forward 1024 --norm-stats-pairs 64 --eval-batch-size 32 --save-steps 2)
 train() {  # name loss lam seed
   local out=$R/rm/$1/seed$4 extra=()
   if [[ -e $out/config.json ]]; then echo "[science] $1 seed $4: done"; return; fi
