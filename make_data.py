@@ -740,7 +740,7 @@ def remove_stale_tmp(out):
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
         path = os.path.join(parent, name)
-        if m and os.path.isdir(path) and utils.folder_owner(path) == STAGE and not utils._pid_alive(int(m[1])):
+        if m and os.path.isdir(path) and utils.folder_owner(path) == STAGE and not utils.pid_alive(int(m[1])):
             shutil.rmtree(path, ignore_errors=True)
             print(f"[start] removed {path}, left by a crashed make_data.py")
 

@@ -940,7 +940,7 @@ def _within(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     if pid == os.getpid():
         return True
     try:
@@ -961,7 +961,7 @@ def remove_leftovers(folder, recurse=("resume",)):
 
     def dead_tmp(name):
         m = _LEFTOVER.match(name)
-        return m is not None and not _pid_alive(int(m["pid"]))
+        return m is not None and not pid_alive(int(m["pid"]))
 
     removed = []
     for name in sorted(os.listdir(folder)):
