@@ -2,7 +2,8 @@
 # Results 3 (README): the toy world on SmolLM2-135M-Instruct, beyond the smol preset's single seed.
 # After `PRESET=smol bash run_all.sh` (RUNS=runs/smol): BT and BSR (lambda 1e-3) with a second seed, and BSR with a
 # large lambda (1e-1, so that train/loss_reg is not negligible next to train/loss_bt), same flags as the preset;
-# then one evaluation of all five reward models with the preset's two RLOO runs (seed-1 RMs).
+# RLOO of the SFT policy against the lambda 1e-1 RM (the preset's flags, vLLM generation); then one evaluation of all
+# five reward models with the three RLOO runs (the preset's pi_bt and pi_bsr use the seed-1 RMs).
 # A stage whose config.json exists is skipped; an interrupted training resumes (--resume; a resume state every 2
 # steps: --save-steps may differ from the preset, it changes no weight).
 set -euo pipefail
@@ -24,13 +25,24 @@ train() {  # name loss lam seed
 train bt bt 1e-3 2
 train bsr bsr 1e-3 2
 train bsr_lam1e-1 bsr 1e-1 1
+out=$R/rloo/bsr_lam1e-1
+if [[ ! -e $out/summary.json ]]; then
+  extra=(); [[ -e $out/resume/latest ]] && extra=(--resume)
+  echo "[science] rloo bsr_lam1e-1"; t0=$SECONDS
+  "$PY" rloo.py --policy "$R/sft" --reward-model "$R/rm/bsr_lam1e-1/seed1" --prompts "$R/data/rl_prompts.jsonl" \
+    --gold-prompts "$R/data/rl_eval_prompts.jsonl" --out "$out" --seed 1 --lr 1e-5 --epochs 1 --global-batch-size 16 \
+    --micro-batch-size 8 --max-new-tokens 64 --gold synthetic --gold-every 2 --max-prompts 40 --rm-max-length 256 \
+    --rm-batch-size 32 --vllm --save-steps 1 "${extra[@]}"
+  echo "[science] rloo bsr_lam1e-1: finished in $((SECONDS - t0)) s"
+fi
 MODELS=()
 for m in bt/seed1 bt/seed2 bsr/seed1 bsr/seed2 bsr_lam1e-1/seed1; do MODELS+=(--model "$R/rm/$m" --name "$m"); done
 BENCH=(); [[ -f ../shared/data/rm_bench/sample.json ]] && BENCH=(--rm-bench ../shared/data/rm_bench/sample.json)
 if [[ ! -e $R/results_science/report.json ]]; then
   t0=$SECONDS
   "$PY" eval_rm.py "${MODELS[@]}" --data-dir "$R/data" "${BENCH[@]}" --max-length 256 --train-pairs 128 \
-    --batch-size 32 --rloo "pi_bt=$R/rloo/bt" --rloo "pi_bsr=$R/rloo/bsr" --cache-dir "$R/eval_cache" \
+    --batch-size 32 --rloo "pi_bt=$R/rloo/bt" --rloo "pi_bsr=$R/rloo/bsr" \
+    --rloo "pi_bsr_lam1e-1=$R/rloo/bsr_lam1e-1" --cache-dir "$R/eval_cache" \
     --out "$R/results_science"
   echo "[science] eval: finished in $((SECONDS - t0)) s"
 fi
