@@ -87,8 +87,9 @@ def mean_sem(values):
 def main():
     args = parse_args()
     utils.quiet_libraries()
-    if os.path.exists(args.out) and os.listdir(args.out) and not os.path.exists(os.path.join(args.out, "policy_gold.json")):
-        raise SystemExit(f"--out {args.out}: a non-empty folder this script did not write")
+    ours = {"samples.jsonl", "policy_gold.md", "policy_gold.json"}
+    if os.path.isdir(args.out) and set(os.listdir(args.out)) - ours:
+        raise SystemExit(f"--out {args.out}: a folder with files this script did not write; choose another --out")
     os.makedirs(args.out, exist_ok=True)
     runs = {}
     for spec in args.policy:

@@ -2,8 +2,9 @@
 # Results 3 (README): the toy world on SmolLM2-135M-Instruct, beyond the smol preset's single seed.
 # After `PRESET=smol bash run_all.sh` (RUNS=runs/smol): BT and BSR (lambda 1e-3) with a second seed, and BSR with a
 # large lambda (1e-1, so that train/loss_reg is not negligible next to train/loss_bt), same flags as the preset;
-# RLOO of the SFT policy against the lambda 1e-1 RM (the preset's flags, vLLM generation); then one evaluation of all
-# five reward models with the three RLOO runs (the preset's pi_bt and pi_bsr use the seed-1 RMs).
+# RLOO of the SFT policy against the lambda 1e-1 RM (the preset's flags, vLLM generation); one evaluation of all
+# five reward models with the three RLOO runs (the preset's pi_bt and pi_bsr use the seed-1 RMs); RLOO seed 2 of the
+# three; bench/policy_gold.py on the seven policies.
 # A stage whose config.json exists is skipped; an interrupted training resumes (--resume; a resume state every 2
 # steps: --save-steps may differ from the preset, it changes no weight).
 set -euo pipefail
@@ -25,16 +26,18 @@ train() {  # name loss lam seed
 train bt bt 1e-3 2
 train bsr bsr 1e-3 2
 train bsr_lam1e-1 bsr 1e-1 1
-out=$R/rloo/bsr_lam1e-1
-if [[ ! -e $out/summary.json ]]; then
-  extra=(); [[ -e $out/resume/latest ]] && extra=(--resume)
-  echo "[science] rloo bsr_lam1e-1"; t0=$SECONDS
-  "$PY" rloo.py --policy "$R/sft" --reward-model "$R/rm/bsr_lam1e-1/seed1" --prompts "$R/data/rl_prompts.jsonl" \
-    --gold-prompts "$R/data/rl_eval_prompts.jsonl" --out "$out" --seed 1 --lr 1e-5 --epochs 1 --global-batch-size 16 \
+rloo() {  # name rm seed out: the preset's RLOO flags, vLLM generation
+  local extra=()
+  if [[ -e $4/summary.json ]]; then echo "[science] rloo $1 seed $3: done"; return; fi
+  if [[ -e $4/resume/latest ]]; then extra=(--resume); fi
+  echo "[science] rloo $1 seed $3"; local t0=$SECONDS
+  "$PY" rloo.py --policy "$R/sft" --reward-model "$2" --prompts "$R/data/rl_prompts.jsonl" \
+    --gold-prompts "$R/data/rl_eval_prompts.jsonl" --out "$4" --seed "$3" --lr 1e-5 --epochs 1 --global-batch-size 16 \
     --micro-batch-size 8 --max-new-tokens 64 --gold synthetic --gold-every 2 --max-prompts 40 --rm-max-length 256 \
     --rm-batch-size 32 --vllm --save-steps 1 "${extra[@]}"
-  echo "[science] rloo bsr_lam1e-1: finished in $((SECONDS - t0)) s"
-fi
+  echo "[science] rloo $1 seed $3: finished in $((SECONDS - t0)) s"
+}
+rloo bsr_lam1e-1 "$R/rm/bsr_lam1e-1/seed1" 1 "$R/rloo/bsr_lam1e-1"
 MODELS=()
 for m in bt/seed1 bt/seed2 bsr/seed1 bsr/seed2 bsr_lam1e-1/seed1; do MODELS+=(--model "$R/rm/$m" --name "$m"); done
 BENCH=(); [[ -f ../shared/data/rm_bench/sample.json ]] && BENCH=(--rm-bench ../shared/data/rm_bench/sample.json)
@@ -46,4 +49,16 @@ if [[ ! -e $R/results_science/report.json ]]; then
     --out "$R/results_science"
   echo "[science] eval: finished in $((SECONDS - t0)) s"
 fi
-echo "[science] done: $R/results_science/report.md"
+# RLHF training noise: RLOO seed 2 against the same (seed-1) reward models; then every policy's gold r*, win rate and
+# length on 200 fresh prompts x 4 samples (bench/policy_gold.py; rloo.py's own check has 16 prompts x 1 sample)
+POLICIES=()
+for m in bt bsr bsr_lam1e-1; do
+  rloo "$m" "$R/rm/$m/seed1" 2 "$R/rloo_seed2/$m"
+  POLICIES+=(--policy "pi_$m=$R/rloo/$m" --policy "pi_$m/seed2=$R/rloo_seed2/$m")
+done
+if [[ ! -e $R/policy_gold/policy_gold.json ]]; then
+  t0=$SECONDS
+  "$PY" bench/policy_gold.py --data-dir "$R/data" --sft "$R/sft" "${POLICIES[@]}" --out "$R/policy_gold"
+  echo "[science] policy gold: finished in $((SECONDS - t0)) s"
+fi
+echo "[science] done: $R/results_science/report.md, $R/policy_gold/policy_gold.md"
