@@ -106,9 +106,10 @@ def main():
 
     exclude = data_prompts(args.data_dir)
     candidates = make_prompts(args.prompts + len(exclude), args.prompt_seed)
-    prompts = [p for p in candidates if p not in exclude][: args.prompts]
+    fresh = [p for p in candidates if p not in exclude]
+    prompts = fresh[: args.prompts]
     print(f"[prompts] {len(prompts)} fresh toy prompts (seed {args.prompt_seed}; "
-          f"{len(candidates) - len([p for p in candidates if p not in exclude])} in the data folder dropped)")
+          f"{len(candidates) - len(fresh)} in the data folder dropped)")
 
     gold, length, done = {}, {}, {}
     with open(os.path.join(args.out, "samples.jsonl"), "w") as f:
