@@ -3,7 +3,7 @@
 rloo.py scores its policy on --gold-prompts (16 in the smol preset, one sample each): enough to see a trend, too few
 for a verdict. This script samples K responses for each of P fresh in-distribution toy prompts (toy_world.make_prompts
 with a seed the data did not use; any prompt that is in the data folder is dropped) from each policy, with the RLOO
-run's own sampling settings (temperature, top-p, no top-k, stop tokens, --max-new-tokens, read from its
+run's own sampling (rloo.generate_vllm with the temperature, top-p, --max-new-tokens and stop tokens of its
 rloo_config.json), on vLLM (CPU or GPU), and scores them with toy_world.gold_reward. It reports, per policy, gold r*
 (mean ± s.e. over prompts), the paired difference to each other policy (mean ± s.e. over prompts), the win rate
 against the SFT policy (sample j of a prompt against the SFT policy's sample j; ties count one half) and the length.
@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import rloo  # noqa: E402  (its generate_vllm: the RLOO run's own sampling, by construction)
 import utils  # noqa: E402
 from toy_world import gold_reward, make_prompts  # noqa: E402
 
@@ -51,28 +52,20 @@ def data_prompts(data_dir):
 
 
 def sample(policy_dir, prompts, cfg, samples, seed):
-    """[[(text, n_tokens, finished) x samples] per prompt] from one policy, vLLM, the RLOO run's settings."""
-    from vllm import SamplingParams
-
+    """[[(text, n_tokens, finished) x samples] per prompt] from one policy: rloo.generate_vllm itself, with the RLOO
+    run's sampling flags and stop ids (its rloo_config.json). n_tokens does not count the stop token."""
     tokenizer = utils.load_tokenizer(policy_dir)
-    stop_ids = sorted(cfg["stop_token_ids"])
+    stop_ids = set(cfg["stop_token_ids"])
     prompt_ids = [tokenizer(utils.render_chat(tokenizer, [{"role": "user", "content": p}], True),
                             add_special_tokens=False)["input_ids"] for p in prompts]
-    a = cfg["args"]
-    llm = utils.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + a["max_new_tokens"],
+    run_args = argparse.Namespace(**cfg["args"])
+    llm = utils.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + run_args.max_new_tokens,
                             dtype=None, seed=seed, colocated=False, generation_config="vllm")
-    params = [SamplingParams(n=1, temperature=a["temperature"], top_p=a["top_p"], top_k=0, min_p=0.0,
-                             max_tokens=a["max_new_tokens"], stop_token_ids=stop_ids,
-                             seed=seed * 100_003 + i, detokenize=False)
-              for i in range(len(prompts) * samples)]
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids for _ in range(samples)], params,
-                        use_tqdm=False)
+    outs = rloo.generate_vllm(llm, [ids for ids in prompt_ids for _ in range(samples)], run_args, stop_ids, seed)
     result = []
-    for o in outs:
-        tokens = list(o.outputs[0].token_ids)
-        finished = o.outputs[0].finish_reason == "stop"
-        text = tokenizer.decode([t for t in tokens if t not in stop_ids], skip_special_tokens=True)
-        result.append((text, len([t for t in tokens if t not in stop_ids]), finished))
+    for tokens, finished in outs:
+        response = tokens[:-1] if finished else tokens  # generate_vllm keeps the stop token that ended it
+        result.append((tokenizer.decode(response, skip_special_tokens=True), len(response), finished))
     del llm
     return [result[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
