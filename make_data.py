@@ -32,6 +32,7 @@ import shutil
 
 import torch
 
+import generation
 import toy_world
 import utils
 from utils import DataError, progress
@@ -406,7 +407,7 @@ def short_model_name(path):
 
 
 def vllm_importable():
-    """--generator auto: use vLLM only where it imports (the engine itself comes from utils.vllm_engine)."""
+    """--generator auto: use vLLM only where it imports (the engine itself comes from generation.vllm_engine)."""
     try:
         return importlib.import_module("vllm") is not None
     except ImportError:
@@ -444,7 +445,7 @@ def generate_with_vllm(name, conversations, args):
     ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"] for c in conversations]
     longest = max(len(p) for p in ids)
-    llm = utils.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
+    llm = generation.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
                             dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                             seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
                             needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
@@ -485,12 +486,12 @@ def generate_with_transformers(name, conversations, args):
 def gold_scorer(args):
     """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = utils.load_gold_model(args.gold_model, args.trust_remote_code,
+    model, tok = generation.load_gold_model(args.gold_model, args.trust_remote_code,
                                        torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = model.to(device).eval()
 
     def model_fn(input_ids, attention_mask):
-        r = utils.gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+        r = generation.gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
         return r, r[:, None]
 
     def score(items):

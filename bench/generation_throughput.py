@@ -3,7 +3,7 @@
 Same policy, same prompts, RLOO's sampling settings (k samples per prompt, temperature 0.7, top-p 1.0, no top-k,
 stop at eos or the chat template's end-of-turn token, --max-new-tokens), through rloo.py's own functions:
 rloo.generate_hf (one batched generate() over the rank's share, KV cache, left padding) and rloo.generate_vllm on
-utils.vllm_engine (the engine rloo.py builds; here in this process, fp32 on CPU). tokens/s counts generated
+generation.vllm_engine (the engine rloo.py builds; here in this process, fp32 on CPU). tokens/s counts generated
 response tokens (up to and including the stop token) per second of wall time; one warm-up call each is excluded,
 then --repeats timed calls alternate between the engines (median, min and max reported).
 
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import rloo  # noqa: E402
+import generation  # noqa: E402
 import utils  # noqa: E402
 
 WORDS = "the cat dog sat on a mat ran fast red blue one two three answer is yes no sort list count add sum".split()
@@ -158,7 +159,7 @@ def main():
                     return rloo.generate_hf(model, group, cfg, tok.pad_token_id, stop_ids, "cpu", len(group))
                 runners["hf"] = run_hf
             else:
-                llm = utils.vllm_engine(path, max_model_len=max(map(len, ids)) + args.max_new_tokens,
+                llm = generation.vllm_engine(path, max_model_len=max(map(len, ids)) + args.max_new_tokens,
                                         dtype=torch.float32, seed=args.seed, colocated=False, kv_cache_gb=1.0,
                                         generation_config="vllm")
 

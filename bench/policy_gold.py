@@ -21,6 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import generation  # noqa: E402
 import rloo  # noqa: E402  (its generate_vllm: the RLOO run's own sampling, by construction)
 import utils  # noqa: E402
 from toy_world import gold_reward, make_prompts  # noqa: E402
@@ -59,7 +60,7 @@ def sample(policy_dir, prompts, cfg, samples, seed):
     prompt_ids = [tokenizer(utils.render_chat(tokenizer, [{"role": "user", "content": p}], True),
                             add_special_tokens=False)["input_ids"] for p in prompts]
     run_args = argparse.Namespace(**cfg["args"])
-    llm = utils.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + run_args.max_new_tokens,
+    llm = generation.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + run_args.max_new_tokens,
                             dtype=None, seed=seed, colocated=False, generation_config="vllm")
     outs = rloo.generate_vllm(llm, [ids for ids in prompt_ids for _ in range(samples)], run_args, stop_ids, seed)
     result = []

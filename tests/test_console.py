@@ -187,3 +187,33 @@ def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--reward-model .*no such local folder"):
         (tmp_path / "config.json").write_text("{}")
         rloo.main(["--policy", str(tmp_path), "--reward-model", missing, "--prompts", "p.jsonl", "--out", out])
+
+
+# ------------------------------------------------------------------------------------------ the repo's shape
+
+
+def local_imports(name):
+    """The repo's own modules that REPO/<name>.py imports (at the top or inside functions)."""
+    import ast
+
+    ours = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py")}
+    with open(os.path.join(REPO, f"{name}.py")) as f:
+        tree = ast.parse(f.read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & ours
+
+
+def test_no_stage_imports_a_stage_and_the_trainer_forks_with_utils_alone():
+    imports = {stage: local_imports(stage) for stage in STAGES}
+    for stage, mods in imports.items():
+        assert not mods & set(STAGES), f"{stage}.py imports the stage(s) {sorted(mods & set(STAGES))}"
+    # the fork the README promises: train_rm.py + utils.py + ds_config.json, nothing else of ours
+    assert imports["train_rm"] == {"utils"}
+    assert local_imports("utils") == set()
+    # the vLLM engine and the gold model live in generation.py, used by the two stages that generate / judge
+    assert {s for s, mods in imports.items() if "generation" in mods} == {"make_data", "rloo"}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import REPO, make_tiny_lm, make_tokenizer, run_script
 
+import generation
 import make_data as md
 import toy_world
-import utils
 
 CONTRACT_PAIR = {"prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score", "chosen_model",
                  "rejected_model"}
@@ -541,7 +541,7 @@ def test_reward_from_armorm_style_output():
 
     score = torch.tensor([0.5, -1.0])
     out = Out(score=score, rewards=torch.randn(2, 19))  # ArmoRM: 19 objective rewards + the gated preference score
-    assert torch.equal(utils.gold_rewards(out, 2), score)
-    assert torch.equal(utils.gold_rewards(Out(logits=torch.tensor([[1.0], [2.0]])), 2), torch.tensor([1.0, 2.0]))
+    assert torch.equal(generation.gold_rewards(out, 2), score)
+    assert torch.equal(generation.gold_rewards(Out(logits=torch.tensor([[1.0], [2.0]])), 2), torch.tensor([1.0, 2.0]))
     with pytest.raises(SystemExit, match="3 logits"):
-        utils.gold_rewards(Out(logits=torch.zeros(2, 3)), 2)
+        generation.gold_rewards(Out(logits=torch.zeros(2, 3)), 2)

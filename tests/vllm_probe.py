@@ -16,8 +16,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import generation  # noqa: E402
 import rloo  # noqa: E402
-import utils  # noqa: E402
 
 SEQUENCES = [[5, 17, 40, 9, 33, 60, 2, 71, 8, 12], [3, 4, 90, 91, 92, 11, 1], [100, 7, 7, 7, 50, 22, 130, 140]]
 
@@ -28,7 +28,7 @@ def main():
     no_sync = "--no-sync" in rest[: rest.index("--")]
     argv = rest[rest.index("--") + 1:]
     engines, generated = [], []
-    make_engine, generate_vllm = utils.vllm_engine, rloo.generate_vllm
+    make_engine, generate_vllm = generation.vllm_engine, rloo.generate_vllm
 
     def capture_engine(*args, **kwargs):
         engines.append(make_engine(*args, **kwargs))
@@ -39,7 +39,7 @@ def main():
         generated.append([len(tokens) for tokens, _ in out])
         return out
 
-    utils.vllm_engine, rloo.generate_vllm = capture_engine, record_generation
+    generation.vllm_engine, rloo.generate_vllm = capture_engine, record_generation
     if no_sync:
         rloo.sync_vllm_weights = lambda llm, module, zero3: None
     rloo.main(argv)
