@@ -37,8 +37,8 @@ import scipy.stats
 import torch
 
 import utils
-from report import (DOMAINS, PAIRS, SCENARIOS, fmt_number, load_rloo, rloo_report, run_settings, seed_groups,
-                    write_report)
+from report import (DOMAINS, PAIRS, SCENARIOS, fmt_number, load_rloo, model_label, rloo_report, run_settings,
+                    seed_groups, write_report)
 from utils import DataError, print0
 
 # SCENARIOS, PAIRS (the --pairs set prefix) and DOMAINS (RM-Bench's) are report.py's, which lays out the tables by them
@@ -640,7 +640,7 @@ def nan_to_null(obj):
 
 def unique_labels(args):
     """--name, or each model's short folder name; repeats get #2, #3 (labels name cache files and table rows)."""
-    labels = list(args.name or [utils.model_label(m) for m in args.model])
+    labels = list(args.name or [model_label(m) for m in args.model])
     for i, label in enumerate(labels):
         if labels.count(label) > 1:
             labels[i] = f"{label}#{labels[:i].count(label) + 1}"

@@ -16,6 +16,16 @@ import re
 
 import numpy as np
 
+
+def model_label(path):
+    """A short name for a model folder: its last part, or its last two when the last is only a seed or an epoch
+    (runs/toy/rm/bt/seed1 -> bt/seed1, runs/rm_bsr/epoch-2 -> rm_bsr/epoch-2), so the name says which method."""
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 1 and re.fullmatch(r"seed\d+|epoch-\d+", parts[-1]):
+        return "/".join(parts[-2:])
+    return parts[-1]
+
+
 # the evaluation sets of eval_rm.py, as the tables name them
 SCENARIOS = ("id", "prompt_ood", "response_ood", "mutual_ood")
 TITLES = {"id": "In-Domain", "prompt_ood": "Prompt OOD", "response_ood": "Response OOD", "mutual_ood": "Mutual OOD",
@@ -130,7 +140,6 @@ def rloo_report(runs, model_paths=None):
 
     reward_model_label: the RM's label among the evaluated models (e.g. bsr/seed1), so tables name it by method.
     """
-    from utils import model_label  # utils imports torch: only this function needs it
 
     by_path = {os.path.normpath(p): label for label, p in (model_paths or {}).items()}
     out = {}

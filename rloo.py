@@ -642,7 +642,7 @@ def save_final(run, run_config, total_steps):
     if utils.is_rank0():
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f]
-        make_plots(args.out, rows, f"RM {utils.model_label(args.reward_model)}")
+        make_plots(args.out, rows, f"RM {report.model_label(args.reward_model)}")
         write_summary(args.out, rows, args, total_steps)
         with open(os.path.join(args.out, "summary.md")) as f:
             print0("\n" + f.read())
@@ -676,7 +676,7 @@ def write_summary(out, rows, args, total_steps):
         lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
                   "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
                   "|---|---|---|---|---|"]
-        for label, r in (("SFT", first), (f"+ RLOO (RM `{utils.model_label(args.reward_model)}`, "
+        for label, r in (("SFT", first), (f"+ RLOO (RM `{report.model_label(args.reward_model)}`, "
                                            f"step {last['step']})", last)):
             lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
                          f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | {r['gold/no_eos_fraction']:.2f} |")

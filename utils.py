@@ -195,15 +195,6 @@ class LogProgress(tqdm):
         return False  # nothing to erase: tqdm must not write its '\r'
 
 
-def model_label(path):
-    """A short name for a model folder: its last part, or its last two when the last is only a seed or an epoch
-    (runs/toy/rm/bt/seed1 -> bt/seed1, runs/rm_bsr/epoch-2 -> rm_bsr/epoch-2), so the name says which method."""
-    parts = os.path.normpath(path).split(os.sep)
-    if len(parts) > 1 and re.fullmatch(r"seed\d+|epoch-\d+", parts[-1]):
-        return "/".join(parts[-2:])
-    return parts[-1]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Data reading: errors name the file, the line and the field
 # ---------------------------------------------------------------------------------------------------

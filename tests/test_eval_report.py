@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import eval_rm
-import utils
 from conftest import write_pairs
-from report import (figure5, load_rloo, moving_average, reward_vs_kl_trend, rloo_report, run_settings,
+from report import (figure5, load_rloo, model_label, moving_average, reward_vs_kl_trend, rloo_report, run_settings,
                     seed_groups, wp_norm_figure, write_report_md)
 
 
@@ -174,9 +173,9 @@ def test_labels_keep_their_slash_and_only_cache_file_names_replace_it(tmp_path):
     s = types.SimpleNamespace(name="id", sources=["x.jsonl"])
     paths, _ = eval_rm.cache_plan(str(tmp_path), "bt/seed1", [s], args)
     assert os.path.dirname(paths["id"]) == str(tmp_path) and os.path.basename(paths["id"]).startswith("bt_seed1-id-")
-    assert utils.model_label("runs/toy/rm/bt/seed1") == "bt/seed1"
-    assert utils.model_label("runs/rm_bsr/epoch-2") == "rm_bsr/epoch-2"
-    assert utils.model_label("runs/rm_bsr") == "rm_bsr"
+    assert model_label("runs/toy/rm/bt/seed1") == "bt/seed1"
+    assert model_label("runs/rm_bsr/epoch-2") == "rm_bsr/epoch-2"
+    assert model_label("runs/rm_bsr") == "rm_bsr"
 
 
 def test_rloo_summary_names_the_reward_model_by_method(tmp_path):
