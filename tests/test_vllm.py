@@ -141,7 +141,7 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
 
 TIED_SYNC = """
 import sys; sys.path.insert(0, {repo!r})
-import json, torch, rloo, utils
+import json, torch, generation, rloo, utils
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 llm = generation.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625)
