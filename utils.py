@@ -666,18 +666,19 @@ def atomic_path(final):
         os.replace(tmp, final)
 
 
-# A write that found no room: a full disk, a quota, the process's file-size limit. torch and safetensors wrap the OSError
-# in their own errors (torch: "file write failed" or "unexpected pos N vs M"), so their messages are read too.
+# A write that found no room: a full disk, a quota, the process's file-size limit. torch and safetensors wrap the
+# OSError in their own errors (torch: "file write failed" or "unexpected pos N vs M"), so their messages are read too.
 NO_ROOM_ERRNO = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NO_ROOM_TEXT = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "unexpected pos")
 
 
 def no_room(exc):
+    """The exception in exc's chain that says a write found no room, or None."""
     while exc is not None:
         if (isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNO) or any(t in str(exc) for t in NO_ROOM_TEXT):
-            return True
+            return exc
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 @contextlib.contextmanager
@@ -688,7 +689,8 @@ def no_room_is_one_line(path, partial=None):
     try:
         yield
     except Exception as e:
-        if not no_room(e):
+        cause = no_room(e)
+        if cause is None:
             raise
         if partial:
             shutil.rmtree(partial, ignore_errors=True)
@@ -696,7 +698,8 @@ def no_room_is_one_line(path, partial=None):
         while not os.path.exists(where):
             where = os.path.dirname(where)
         free = shutil.disk_usage(where).free / 2 ** 30
-        raise SystemExit(f"[save] no room to write {path} ({str(e).splitlines()[0][:120]}; {free:.1f} GiB free there). "
+        reason = str(cause).splitlines()[0][:120]
+        raise SystemExit(f"[save] no room to write {path} ({reason}; {free:.1f} GiB free there). "
                          "Nothing already saved was replaced. Free space (a finished run's resume/ folder can go), "
                          "then rerun the command with --resume to continue from the last saved state, if one was "
                          "saved.") from None

@@ -1,5 +1,6 @@
 """What a user sees on the console: progress in logs, library noise, --help, DeepSpeed op builds, bad model paths."""
 
+import ast
 import io
 import os
 import subprocess
@@ -194,8 +195,6 @@ def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
 
 def local_imports(name):
     """The repo's own modules that REPO/<name>.py imports (at the top or inside functions)."""
-    import ast
-
     ours = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py")}
     with open(os.path.join(REPO, f"{name}.py")) as f:
         tree = ast.parse(f.read())

@@ -422,9 +422,17 @@ def test_rng_state_is_safetensors_and_a_crafted_pickle_is_not_executed(tmp_path)
 # ------------------------------------------------------------------------------------------ a full disk while saving
 
 
+def wrapped(inner):
+    """A library error with no message of its own, raised from the OSError that caused it."""
+    outer = RuntimeError()
+    outer.__cause__ = inner
+    return outer
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
-                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)")])
+                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+                                   wrapped(OSError(122, "Disk quota exceeded"))])
 def test_a_save_without_room_is_one_line_and_removes_its_partial_folder(tmp_path, error):
     partial = tmp_path / "resume" / ".tmp-step-00000004"
     partial.mkdir(parents=True)

@@ -97,9 +97,9 @@ def full_run(world):
 GREEDY = """
 import json, sys, types
 sys.path.insert(0, {repo!r})
-import torch, generation, rloo, utils
-llm = generation.vllm_engine({model!r}, max_model_len=128, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625,
-                        generation_config="vllm")
+import torch, generation, rloo
+llm = generation.vllm_engine({model!r}, max_model_len=128, dtype=torch.float32, seed=0, colocated=False,
+                             kv_cache_gb=0.0625, generation_config="vllm")
 args = types.SimpleNamespace(temperature=0.0, top_p=1.0, max_new_tokens={n})
 print("RESULT", json.dumps(rloo.generate_vllm(llm, {prompts!r}, args, set({stops!r}), seed=0)))
 """
@@ -141,10 +141,11 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
 
 TIED_SYNC = """
 import sys; sys.path.insert(0, {repo!r})
-import json, torch, generation, rloo, utils
+import json, torch, generation, rloo
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
-llm = generation.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False, kv_cache_gb=0.0625)
+llm = generation.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False,
+                             kv_cache_gb=0.0625)
 hf = AutoModelForCausalLM.from_pretrained({model!r}, dtype=torch.float32).eval()
 assert hf.lm_head.weight is hf.model.embed_tokens.weight
 with torch.no_grad():  # a training update of every weight, the tied embedding/head included
