@@ -36,6 +36,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+import checkpoint
 import utils
 from report import (DOMAINS, PAIRS, SCENARIOS, fmt_number, load_rloo, model_label, rloo_report, run_settings,
                     seed_groups, write_report)
@@ -497,7 +498,7 @@ def score_model(model, label, sets, args, device, paths, cached):
         scores[s.name] = score_set(rm, tokenizer, s, args, max_length, device, f"{label}/{s.name}")
         scores[s.name]["wp_norm"] = wp_norm
         if not args.no_cache and utils.is_rank0():
-            with utils.atomic_path(paths[s.name]) as tmp:
+            with checkpoint.atomic_path(paths[s.name]) as tmp:
                 torch.save(scores[s.name], tmp)
         if scores[s.name]["n_truncated"]:  # only when it happened (a shorter model limit alone truncates nothing)
             limit = (f"the model's {max_length} positions (< --max-length {args.max_length})"
@@ -675,11 +676,12 @@ def main(argv=None):
     inputs = [("--model", m) for m in args.model] + [("--data-dir", args.data_dir), ("--train-file", args.train_file)]
     inputs += [("--rm-bench", x) for x in args.rm_bench or []]
     inputs += [("--rloo", x.partition("=")[2]) for x in args.rloo or []]
-    utils.claim_out_dir(args.out, "eval_rm.py", inputs, legacy=("eval_config.json", ("args", "models")), create=False)
+    checkpoint.claim_out_dir(args.out, "eval_rm.py", inputs, legacy=("eval_config.json", ("args", "models")),
+                             create=False)
     utils.quiet_libraries()
     _, world, _, device = utils.init_distributed()
-    utils.claim_out_dir(args.out, "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
-    utils.remove_leftovers(args.out, recurse=("cache",))  # OUT/cache is ours; a --cache-dir elsewhere is not touched
+    checkpoint.claim_out_dir(args.out, "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
+    checkpoint.remove_leftovers(args.out, recurse=("cache",))  # OUT/cache is ours; another --cache-dir is not touched
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
 
@@ -713,10 +715,10 @@ def main(argv=None):
     if utils.is_rank0():
         os.makedirs(args.out, exist_ok=True)
         report = nan_to_null(report)
-        utils.write_json(os.path.join(args.out, "report.json"), report)
-        utils.write_json(os.path.join(args.out, "eval_config.json"),
-                         {"args": vars(args), "world_size": world, "device": str(device),
-                          "models": dict(zip(labels, args.model)), "data": report["data"]})
+        checkpoint.write_json(os.path.join(args.out, "report.json"), report)
+        checkpoint.write_json(os.path.join(args.out, "eval_config.json"),
+                              {"args": vars(args), "world_size": world, "device": str(device),
+                               "models": dict(zip(labels, args.model)), "data": report["data"]})
         figures = write_report(args.out, report, sets, scores_all, rloo_runs)
         print0(f"[done] {os.path.join(args.out, 'report.md')}, report.json, {', '.join(figures)}")
     torch.distributed.barrier()

@@ -1,6 +1,7 @@
 """The vLLM engine and the gold reward model: what the two stages that generate and judge new responses share
 (make_data.py and rloo.py). A module, not a stage, like toy_world.py and report.py. train_rm.py, eval_rm.py and sft.py
-never import it, so a fork of the reward-model trainer (train_rm.py + utils.py + ds_config.json) leaves it out."""
+never import it, so a fork of the reward-model trainer (train_rm.py + utils.py + checkpoint.py + ds_config.json)
+leaves it out."""
 
 import os
 

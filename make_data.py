@@ -34,6 +34,7 @@ import torch
 
 import generation
 import toy_world
+import checkpoint
 import utils
 from utils import DataError, progress
 
@@ -735,13 +736,13 @@ def build_base_model(path, texts, args):
 
 def remove_stale_tmp(out):
     """Delete '<out>.tmp-<pid>' folders that a crashed make_data.py left next to --out (ours by .written_by, and
-    their process is gone); anything else of that name is left alone. (utils.remove_leftovers cleans inside a folder
-    the stage owns; the parent of --out is not ours, so here only folders marked as ours go.)"""
+    their process is gone); anything else of that name is left alone. (checkpoint.remove_leftovers cleans inside a
+    folder the stage owns; the parent of --out is not ours, so here only folders marked as ours go.)"""
     parent, base = os.path.split(os.path.abspath(out))
     for name in os.listdir(parent) if os.path.isdir(parent) else []:
         m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
         path = os.path.join(parent, name)
-        if m and os.path.isdir(path) and utils.folder_owner(path) == STAGE and not utils.pid_alive(int(m[1])):
+        if m and os.path.isdir(path) and checkpoint.folder_owner(path) == STAGE and not checkpoint.pid_alive(int(m[1])):
             shutil.rmtree(path, ignore_errors=True)
             print(f"[start] removed {path}, left by a crashed make_data.py")
 
@@ -753,7 +754,7 @@ def main(argv=None):
     inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "train_file", "valid_file", "prompt_ood_file", "response_ood_file", "mutual_ood_file", "rl_prompts_file",
         "rl_eval_prompts_file", "dataset", "alpaca_eval_dir", "gold_model")]
-    utils.claim_out_dir(args.out, STAGE, inputs, legacy=("manifest.json", MANIFEST_KEYS), create=False)
+    checkpoint.claim_out_dir(args.out, STAGE, inputs, legacy=("manifest.json", MANIFEST_KEYS), create=False)
     remove_stale_tmp(args.out)
     utils.quiet_libraries()
     skipped = {}
@@ -773,14 +774,14 @@ def main(argv=None):
     manifest = {"source": args.source, "seed": args.seed, "counts": counts, "splits": splits,
                 "models": {"m_train": m_train, "m_valid": m_valid}, "skipped": skipped, "checks": checks,
                 "args": vars(args), **extra}
-    with utils.atomic_path(args.out) as tmp:
+    with checkpoint.atomic_path(args.out) as tmp:
         os.makedirs(tmp)
-        utils.write_owner(tmp, STAGE)  # first: a crash leaves a temporary folder recognisably ours
+        checkpoint.write_owner(tmp, STAGE)  # first: a crash leaves a temporary folder recognisably ours
         for name, rows in files.items():
-            utils.write_jsonl(os.path.join(tmp, name), rows)
+            checkpoint.write_jsonl(os.path.join(tmp, name), rows)
         if args.source == "synthetic":
             manifest["base_model"] = build_base_model(os.path.join(tmp, "base"), base_model_corpus(files), args)
-        utils.write_json(os.path.join(tmp, "manifest.json"), manifest)
+        checkpoint.write_json(os.path.join(tmp, "manifest.json"), manifest)
     print_summary(args, files, manifest)
     return manifest
 

@@ -156,7 +156,7 @@ def rloo_report(runs, model_paths=None):
 def run_settings(report):
     """{"models": {label: {...}}, "rloo": {name: {...}}}: the training flags read from each run's own config file
     (train_rm.py's train_config.json, rloo.py's rloo_config.json); a model without one (hub RM) is left out."""
-    from utils import read_json_or_none as read  # utils imports torch: only the functions that need it import it
+    from checkpoint import read_json_or_none as read  # it imports torch: only the functions that need it import it
 
     out = {"models": {}, "rloo": {}}
     for label, m in report["models"].items():

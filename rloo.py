@@ -89,6 +89,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import generation
 import report
+import checkpoint
 import utils
 from toy_world import gold_reward
 from utils import print0
@@ -137,7 +138,7 @@ def rloo_loss(logp, ref_logp, mask, scores, k, beta):
     return loss, kl, rlhf_reward, adv
 
 
-# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE): they change no policy weight (sampling is
+# --resume accepts new values of these (besides checkpoint.RESUME_MAY_CHANGE): they change no policy weight (sampling is
 # seeded per step, so the gold cadence does not move the training samples; batched RM scoring equals unbatched)
 RESUME_MAY_CHANGE = ("gold_every", "gold_batch_size", "rm_batch_size", "vllm_gpu_memory_utilization")
 
@@ -523,14 +524,12 @@ def train_step(run, group, responses, scores, step):
         with torch.no_grad():
             ref_logp, _, _ = response_logprobs(run.ref, p_ids, r_ids, pad_id, T, run.device)
         loss, kl, rlhf, adv = rloo_loss(logp, ref_logp, mask, scores[sl].to(run.device), run.args.k, run.args.beta)
-        if utils.fault_here("nan"):
-            loss = loss * float("nan")
         finite = torch.isfinite(loss.detach()).float()
         if run.world > 1:  # all ranks must agree to stop
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() == 0:
             print0(f"[error] non-finite loss at step {step + 1} (rewards or log-probs); stopping, the update was "
-                   f"not applied. {utils.last_good_state(run.args.out)}")
+                   f"not applied. {checkpoint.last_good_state(run.args.out)}")
             raise SystemExit(1)
         run.engine.backward(loss)
         run.engine.step()
@@ -618,15 +617,15 @@ def start_or_resume(run, resume_dir, saved_config, fresh_config):
     """(start step, the run's config). --resume restores the state and drops log rows after it; a fresh start
     clears the logs and writes rloo_config.json (a resumed run keeps the one written at its start)."""
     if run.args.resume:
-        start_step = utils.load_train_state(run.engine, resume_dir, run.metrics_path)
+        start_step = checkpoint.load_train_state(run.engine, resume_dir, run.metrics_path)
         if utils.is_rank0():
-            utils.truncate_torn_jsonl(run.samples_path, lambda r: r.get("step", 0) <= start_step)
+            checkpoint.truncate_torn_jsonl(run.samples_path, lambda r: r.get("step", 0) <= start_step)
         return start_step, saved_config
     if utils.is_rank0():
         for path in (run.metrics_path, run.samples_path):
             if os.path.exists(path):
                 os.remove(path)
-        utils.write_json(os.path.join(run.args.out, "rloo_config.json"), fresh_config)
+        checkpoint.write_json(os.path.join(run.args.out, "rloo_config.json"), fresh_config)
     return 0, fresh_config
 
 
@@ -635,10 +634,10 @@ def save_final(run, run_config, total_steps):
     args, metrics_path = run.args, run.metrics_path
     final = os.path.join(args.out, "final")
     run.engine.module.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
-    utils.save_hf_checkpoint(run.engine.module, utils.consolidated_state_dict(run.engine), run.tokenizer, final,
-                             {"rloo_config.json": run_config}, prefix="")
+    checkpoint.save_hf_checkpoint(run.engine.module, checkpoint.consolidated_state_dict(run.engine), run.tokenizer,
+                                  final, {"rloo_config.json": run_config}, prefix="")
     torch.distributed.barrier()
-    utils.publish_checkpoint(final, args.out)
+    checkpoint.publish_checkpoint(final, args.out)
     if utils.is_rank0():
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f]
@@ -687,8 +686,8 @@ def write_summary(out, rows, args, total_steps):
         for label, r in (("first step", train[0]), ("last step", train[-1])):
             lines.append(f"| {label} (step {r['step']}) | {r['train/proxy_reward']:.4f} | {r['train/kl']:.4f} | "
                          f"{r['train/response_length']:.1f} |")
-    utils.write_json(os.path.join(out, "summary.json"), summary)
-    with utils.atomic_path(os.path.join(out, "summary.md")) as tmp:
+    checkpoint.write_json(os.path.join(out, "summary.json"), summary)
+    with checkpoint.atomic_path(os.path.join(out, "summary.md")) as tmp:
         with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
     return summary
@@ -707,15 +706,15 @@ def main(argv=None):
         if name:
             utils.check_model_source(name, flag)
     resume_dir = os.path.join(args.out, "resume")
-    utils.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
-                                              ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
-                                              ("--gold-model", args.gold_model)],
-                        legacy=("rloo_config.json", ("args", "ds_config")), create=False,
-                        resume=bool(args.resume))
+    checkpoint.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
+                                                   ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
+                                                   ("--gold-model", args.gold_model)],
+                             legacy=("rloo_config.json", ("args", "ds_config")), create=False,
+                             resume=bool(args.resume))
     utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
     rank, world, _, device = utils.init_distributed()
-    utils.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
-    utils.remove_leftovers(args.out)
+    checkpoint.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
+    checkpoint.remove_leftovers(args.out)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
     grad_accum, prompts_per_step, prompts_per_rank = batch_sizes(args, world)
@@ -739,12 +738,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size, grad_accum=grad_accum,
         max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
         world_size=world)
-    data_fingerprints = {"prompts": utils.fingerprint(args.prompts),
-                         "gold_prompts": utils.fingerprint(args.gold_prompts)}
+    data_fingerprints = {"prompts": checkpoint.fingerprint(args.prompts),
+                         "gold_prompts": checkpoint.fingerprint(args.gold_prompts)}
     saved_config = None
     if args.resume:  # before the models load: a refused resume costs seconds
-        saved_config = utils.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
-                                          RESUME_MAY_CHANGE, data_fingerprints)
+        saved_config = checkpoint.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
+                                               RESUME_MAY_CHANGE, data_fingerprints)
     models = load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps)
     gen_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                   repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, use_cache=True,
@@ -775,7 +774,6 @@ def main(argv=None):
         epoch, in_epoch = divmod(step, steps_per_epoch)
         my_prompts = step_prompts(prompts, step, steps_per_epoch, prompts_per_step, prompts_per_rank, rank, args.seed)
         group = [p for p in my_prompts for _ in range(args.k)]  # the k samples of a prompt are adjacent
-        utils.set_fault_step(step + 1)
         lr_now = run.scheduler.get_last_lr()[0]
 
         t0 = time.time()  # 1. sample k responses per prompt
@@ -786,7 +784,6 @@ def main(argv=None):
         raw_scores, scores = score_batch(run, group, responses, finished)
         t_score, t0 = time.time() - t0, time.time()  # 3-5. KL, advantages, policy gradient
         stats = train_step(run, group, responses, scores, step)
-        utils.maybe_fault("after_step")
         t_train = time.time() - t0
 
         row = log_row(step, epoch + (in_epoch + 1) / steps_per_epoch, stats, raw_scores, responses, finished,
@@ -797,7 +794,7 @@ def main(argv=None):
         if gold_prompts and ((step + 1) % args.gold_every == 0 or step + 1 == total_steps):
             evaluate_gold(run, step + 1)
         if step + 1 == total_steps or (args.save_steps and (step + 1) % args.save_steps == 0):
-            utils.save_train_state(run.engine, resume_dir, step + 1)
+            checkpoint.save_train_state(run.engine, resume_dir, step + 1)
     bar.close()
 
     # ---------------------------------------------------------------- save the policy, plots, summary

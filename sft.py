@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import checkpoint
 import utils
 from utils import print0
 
@@ -97,7 +98,7 @@ def sft_loss_sum(logits, input_ids, train_mask):
     return (nll.view_as(mask) * mask).sum(), mask.sum()
 
 
-# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE): they change no trained weight
+# --resume accepts new values of these (besides checkpoint.RESUME_MAY_CHANGE): they change no trained weight
 RESUME_MAY_CHANGE = ("eval_batch_size",)
 
 # ===================================================================================================
@@ -280,8 +281,6 @@ def train_step(engine, convs, batch, micro_batch, grad_accum, pad_id, rank, worl
         idx = batch[g * per_micro_step + rank * micro_batch: g * per_micro_step + (rank + 1) * micro_batch]
         ids, attn, mask = collate(convs, idx, pad_id, device)
         s, _ = sft_loss_sum(engine(input_ids=ids, attention_mask=attn).logits, ids, mask)
-        if utils.fault_here("nan"):
-            s = s * float("nan")
         # DeepSpeed divides by grad_accum and averages over ranks: this scale makes the gradient that of
         # (sum of token losses over the global batch) / (trained tokens in the global batch)
         engine.backward(s * (grad_accum * world / max(1, n_global)))
@@ -315,19 +314,20 @@ def start_or_resume(args, engine, resume_dir, metrics_path, saved_config, fresh_
     """(start step, the run's config). --resume restores the state and drops log rows after it; a fresh start clears
     the log and writes sft_config.json (a resumed run keeps the one written at its start)."""
     if args.resume:
-        return utils.load_train_state(engine, resume_dir, metrics_path), saved_config
+        return checkpoint.load_train_state(engine, resume_dir, metrics_path), saved_config
     if utils.is_rank0():
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-        utils.write_json(os.path.join(args.out, "sft_config.json"), fresh_config)
+        checkpoint.write_json(os.path.join(args.out, "sft_config.json"), fresh_config)
     return 0, fresh_config
 
 
 def save_epoch_checkpoint(engine, model, tokenizer, out, epoch, run_config, row):
     """out/epoch-N: an HF checkpoint with the run's config and the epoch's metrics."""
     model.config.use_cache = True  # the saved config is for inference (generate with a KV cache)
-    utils.save_hf_checkpoint(model, utils.consolidated_state_dict(engine), tokenizer,
-                             os.path.join(out, f"epoch-{epoch}"), {"sft_config.json": run_config, "epoch_metrics.json": row}, prefix="")
+    checkpoint.save_hf_checkpoint(model, checkpoint.consolidated_state_dict(engine), tokenizer,
+                                  os.path.join(out, f"epoch-{epoch}"),
+                                  {"sft_config.json": run_config, "epoch_metrics.json": row}, prefix="")
     model.config.use_cache = False
     torch.distributed.barrier()
 
@@ -342,13 +342,13 @@ def main(argv=None):
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
     utils.check_model_source(args.model, "--model")
     resume_dir = os.path.join(args.out, "resume")
-    utils.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
-                                             ("--eval-file", args.eval_file)],
-                        legacy=("sft_config.json", ("args", "ds_config")), create=False,
-                        resume=bool(args.resume))
+    checkpoint.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
+                                                  ("--eval-file", args.eval_file)],
+                             legacy=("sft_config.json", ("args", "ds_config")), create=False,
+                             resume=bool(args.resume))
     rank, world, _, device = utils.init_distributed()
-    utils.claim_out_dir(args.out, "sft.py", legacy=("sft_config.json", ("args", "ds_config")))
-    utils.remove_leftovers(args.out)
+    checkpoint.claim_out_dir(args.out, "sft.py", legacy=("sft_config.json", ("args", "ds_config")))
+    checkpoint.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     micro_batch = args.micro_batch_size
@@ -374,12 +374,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=micro_batch,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
-    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
-                         "eval_file": utils.fingerprint(args.eval_file)}
+    data_fingerprints = {"train_file": checkpoint.fingerprint(args.train_file),
+                         "eval_file": checkpoint.fingerprint(args.eval_file)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
-        saved_config = utils.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,
-                                          RESUME_MAY_CHANGE, data_fingerprints)
+        saved_config = checkpoint.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,
+                                               RESUME_MAY_CHANGE, data_fingerprints)
     # hf_ds_config must stay alive while the model exists (ZeRO-3: transformers holds only a weak reference)
     engine, model, scheduler, hf_ds_config = load_model(args, ds_config, zero3, tokenizer, end_ids, bf16, device,
                                                         total_steps)
@@ -404,14 +404,12 @@ def main(argv=None):
             batches, batches_epoch = epoch_batches(len(convs), args.global_batch_size, epoch, args.seed, lengths), epoch
         batch = batches[in_epoch]
         t0, lr_now = time.time(), scheduler.get_last_lr()[0]
-        utils.set_fault_step(step + 1)
         loss, n_global = train_step(engine, convs, batch, micro_batch, grad_accum, tokenizer.pad_token_id, rank,
                                     world, device)
         if not math.isfinite(loss):
             print0(f"[error] non-finite loss at step {step + 1}; stopping before anything of this step is saved. "
-                   f"{utils.last_good_state(args.out)}")
+                   f"{checkpoint.last_good_state(args.out)}")
             raise SystemExit(1)
-        utils.maybe_fault("after_step")
         dt = time.time() - t0
         utils.append_jsonl(metrics_path, [{"step": step + 1, "epoch": epoch + (in_epoch + 1) / steps_per_epoch,
                                      "train/loss": loss, "train/lr": lr_now, "train/tokens": n_global,
@@ -426,13 +424,13 @@ def main(argv=None):
                 print0(f"\n[epoch {epoch + 1}] eval/loss {epoch_row['eval/loss']:.4f}")
             utils.append_jsonl(metrics_path, [epoch_row])
             save_epoch_checkpoint(engine, model, tokenizer, args.out, epoch + 1, run_config, epoch_row)
-            utils.save_train_state(engine, resume_dir, step + 1)
+            checkpoint.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:
-            utils.save_train_state(engine, resume_dir, step + 1)
+            checkpoint.save_train_state(engine, resume_dir, step + 1)
     bar.close()
 
     # ---------------------------------------------------------------- final checkpoint = last epoch
-    utils.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
+    checkpoint.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
     torch.distributed.barrier()
     print0(f"[done] SFT model in {args.out} (AutoModelForCausalLM.from_pretrained('{args.out}'))")
     if sum(skipped["train"].values()) + sum(skipped["eval"].values()):

@@ -32,6 +32,7 @@ import time
 
 from transformers import AutoConfig
 
+import checkpoint
 import utils
 
 # deepspeed and scipy are imported inside the functions that use them: importing deepspeed takes seconds and logs
@@ -130,7 +131,7 @@ def global_batch_losses(reward_fn, micro_batches, loss_type="bsr", lam=1e-3, mar
 
 
 LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
-# --resume accepts new values of these (besides utils.RESUME_MAY_CHANGE: --save-steps, --zero-stage, --ds-config,
+# --resume accepts new values of these (besides checkpoint.RESUME_MAY_CHANGE: --save-steps, --zero-stage, --ds-config,
 # --gradient-checkpointing, --out): they change what is logged or how it is computed, never a trained weight
 RESUME_MAY_CHANGE = ("eval_batch_size", "norm_stats_pairs", "max_tokens_per_forward")
 
@@ -422,15 +423,13 @@ def train_step(engine, pairs, batch, args, rank, world, pad_id, device, step, ep
     finite = torch.ones((), device=device)
     for g, (loss, weight, bt, rc, rr) in enumerate(global_batch_losses(reward_fn, micro_batches, args.loss, args.lam,
                                                                        args.margin, args.bsr_scope)):
-        if utils.fault_here("nan"):
-            loss = loss * float("nan")
         finite = finite * torch.isfinite(loss.detach())
         if g == len(micro_batches) - 1:  # one host sync per step, before the update is applied
             if args.bsr_scope == "micro" and world > 1:  # local losses differ: all ranks must agree to stop
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if finite.item() == 0:
                 utils.print0(f"[error] non-finite loss at step {step + 1} (epoch {epoch + 1}); stopping, the update "
-                             f"was not applied. {utils.last_good_state(args.out)}")
+                             f"was not applied. {checkpoint.last_good_state(args.out)}")
                 raise SystemExit(1)
         engine.backward(loss * weight)  # DeepSpeed divides by the number of micro-steps and averages over ranks
         engine.step()
@@ -513,11 +512,11 @@ def epoch_diagnostics(engine, hf_model, pairs, stats_idx, eval_pairs, args, pad_
 def save_epoch_checkpoint(engine, hf_model, tokenizer, out, epoch, run_config, eval_rewards):
     """out/epoch-N: an HF checkpoint, its train_config.json and the trainer's own rewards on --eval-file."""
     ckpt = os.path.join(out, f"epoch-{epoch}")
-    state_dict = utils.consolidated_state_dict(engine)
+    state_dict = checkpoint.consolidated_state_dict(engine)
     extra = {"train_config.json": run_config}
     if eval_rewards is not None:
         extra["eval_rewards.json"] = eval_rewards
-    utils.save_hf_checkpoint(hf_model, state_dict, tokenizer, ckpt, extra, prefix="model.")
+    checkpoint.save_hf_checkpoint(hf_model, state_dict, tokenizer, ckpt, extra, prefix="model.")
     dist.barrier()
 
 
@@ -533,15 +532,15 @@ def main(argv=None):
     from transformers.integrations import HfDeepSpeedConfig  # after quiet_libraries, like deepspeed itself
 
     resume_dir = os.path.join(args.out, "resume")
-    utils.claim_out_dir(args.out, "train_rm.py", [("--model", args.model), ("--train-file", args.train_file),
-                                                  ("--eval-file", args.eval_file)],
-                        legacy=("train_config.json", ("args", "ds_config")), create=False,
-                        resume=bool(args.resume))
+    checkpoint.claim_out_dir(args.out, "train_rm.py", [("--model", args.model), ("--train-file", args.train_file),
+                                                       ("--eval-file", args.eval_file)],
+                             legacy=("train_config.json", ("args", "ds_config")), create=False,
+                             resume=bool(args.resume))
     if args.head_init == "keep":  # continuing from --model's head: it must be a trained one
         utils.check_reward_model(args.model, "--model (with --head-init keep)")
     rank, world, _, device = utils.init_distributed()
-    utils.claim_out_dir(args.out, "train_rm.py", legacy=("train_config.json", ("args", "ds_config")))
-    utils.remove_leftovers(args.out)
+    checkpoint.claim_out_dir(args.out, "train_rm.py", legacy=("train_config.json", ("args", "ds_config")))
+    checkpoint.remove_leftovers(args.out)
     torch.manual_seed(args.seed)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     micro_step_pairs = args.micro_batch_size * world  # pairs of one micro-step, all ranks
@@ -574,12 +573,12 @@ def main(argv=None):
         args.ds_config, global_batch=args.global_batch_size, micro_batch=args.micro_batch_size,
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
-    data_fingerprints = {"train_file": utils.fingerprint(args.train_file),
-                         "eval_file": utils.fingerprint(args.eval_file)}
+    data_fingerprints = {"train_file": checkpoint.fingerprint(args.train_file),
+                         "eval_file": checkpoint.fingerprint(args.eval_file)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
-        saved_config = utils.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,
-                                          RESUME_MAY_CHANGE, data_fingerprints)
+        saved_config = checkpoint.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,
+                                               RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
     hf_model, engine, scheduler = load_model(args, tokenizer, bf16, ds_config, total_steps, device)
 
@@ -587,7 +586,7 @@ def main(argv=None):
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_step = 0
     if args.resume:  # the run's train_config.json stays as it was written at its start
-        start_step = utils.load_train_state(engine, resume_dir, metrics_path)
+        start_step = checkpoint.load_train_state(engine, resume_dir, metrics_path)
         run_config = saved_config
         utils.print0(f"[resume] from {resume_dir} at step {start_step}/{total_steps}")
     else:
@@ -598,7 +597,7 @@ def main(argv=None):
                       "eval_pairs": len(eval_pairs), "skipped": {"train": skipped, "eval": eval_skipped},
                       "data_fingerprints": data_fingerprints, "ds_config": ds_config}
         if utils.is_rank0():
-            utils.write_json(os.path.join(args.out, "train_config.json"), run_config)
+            checkpoint.write_json(os.path.join(args.out, "train_config.json"), run_config)
 
     # ---------------------------------------------------------------- training loop
     # the same train pairs every epoch for the ||h_w - h_l|| statistics (Figures 1-2)
@@ -622,13 +621,11 @@ def main(argv=None):
         batch = batches[in_epoch]
         t0 = time.time()
         lr = scheduler.get_last_lr()[0]
-        utils.set_fault_step(step + 1)
         stats, token_counts = train_step(engine, pairs, batch, args, rank, world, pad_id, device, step, epoch)
         n_tokens = sum(len(pairs[i][0]) + len(pairs[i][1]) for i in batch)
         row = step_row(step + 1, epoch + (in_epoch + 1) / steps_per_epoch, stats, lr, len(batch), n_tokens,
                        time.time() - t0, token_counts, device)
         utils.append_jsonl(metrics_path, [row])
-        utils.maybe_fault("after_step")
         bar.update(1)
         bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[2]:.3f}")
 
@@ -637,13 +634,13 @@ def main(argv=None):
             utils.append_jsonl(metrics_path, [row])
             utils.print0(f"\n[epoch {epoch + 1}] {row}")
             save_epoch_checkpoint(engine, hf_model, tokenizer, args.out, epoch + 1, run_config, eval_rewards)
-            utils.save_train_state(engine, resume_dir, step + 1)
+            checkpoint.save_train_state(engine, resume_dir, step + 1)
         elif args.save_steps and (step + 1) % args.save_steps == 0:
-            utils.save_train_state(engine, resume_dir, step + 1)
+            checkpoint.save_train_state(engine, resume_dir, step + 1)
     bar.close()
 
     # ---------------------------------------------------------------- final checkpoint = last epoch
-    utils.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
+    checkpoint.publish_checkpoint(os.path.join(args.out, f"epoch-{args.epochs}"), args.out)
     dist.barrier()
     utils.print0(f"[done] reward model in {args.out} "
                  f"(AutoModelForSequenceClassification.from_pretrained('{args.out}'))")

@@ -1,11 +1,9 @@
 """What two or more stages share: distributed start and console, data reading, THE tokenization of (prompt, response),
-the reward model, DeepSpeed config + checkpoints + resume, the rules for --out folders, argparse number types and the
-chat template's end-of-turn token. Each stage's own logic lives in the stage; the vLLM engine and the gold reward model
-(make_data.py and rloo.py) are in generation.py, which the reward-model stages never import."""
+the reward model, the DeepSpeed config, argparse number types and the chat template's end-of-turn token. Each stage's
+own logic lives in the stage; saving and resuming are in checkpoint.py, the vLLM engine and the gold reward model
+(make_data.py and rloo.py) in generation.py, which the reward-model stages never import."""
 
 import argparse
-import contextlib
-import errno
 import glob
 import gzip
 import hashlib
@@ -15,8 +13,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import signal
 import socket
 import sys
 import time
@@ -111,7 +107,7 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def _barrier():
+def barrier():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -242,23 +238,6 @@ def read_json(path):
         return json.loads("".join(line for _, line in _lines(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
-def read_json_or_none(path):
-    """A small JSON file of ours (a config, an owner mark), or None when it is missing or not JSON."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_jsonl(path, rows):
-    """Write rows atomically (temp file + rename): a crash never leaves a half-written file."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def append_jsonl(path, rows):
@@ -601,7 +580,7 @@ def score_sequences(model_fn, seqs, pad_id, device, batch_size=16, desc=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# DeepSpeed config, atomic writes, checkpoints, resume
+# The DeepSpeed config of the training stages (sft.py, train_rm.py, rloo.py)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -640,385 +619,6 @@ def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_
     return cfg, cfg.get("zero_optimization", {}).get("stage") == 3
 
 
-@contextlib.contextmanager
-def atomic_path(final):
-    """`with atomic_path(final) as tmp:` write to tmp (a file or a folder); on success tmp replaces final, and a crash
-    inside the block leaves final untouched. An existing final folder is moved to final.old and deleted after, so one
-    complete copy exists at every instant."""
-    final = os.path.abspath(final)
-    tmp = f"{final}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if os.path.isdir(tmp):
-        if os.path.isdir(final):
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            os.replace(final, final + ".old")
-        os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-# A write that found no room: a full disk, a quota, the process's file-size limit. torch and safetensors wrap the
-# OSError in their own errors (torch: "file write failed" or "unexpected pos N vs M"), so their messages are read too.
-NO_ROOM_ERRNO = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-NO_ROOM_TEXT = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "unexpected pos")
-
-
-def no_room(exc):
-    """The exception in exc's chain that says a write found no room, or None."""
-    while exc is not None:
-        if (isinstance(exc, OSError) and exc.errno in NO_ROOM_ERRNO) or any(t in str(exc) for t in NO_ROOM_TEXT):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-@contextlib.contextmanager
-def no_room_is_one_line(path, partial=None):
-    """A save that runs out of room ends the stage with one line naming the folder and its free space, not a library
-    traceback. Nothing complete was replaced (saves write to a temporary first); `partial` (that temporary) is removed
-    so the space comes back."""
-    try:
-        yield
-    except Exception as e:
-        cause = no_room(e)
-        if cause is None:
-            raise
-        if partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        where = os.path.abspath(path)
-        while not os.path.exists(where):
-            where = os.path.dirname(where)
-        free = shutil.disk_usage(where).free / 2 ** 30
-        reason = str(cause).splitlines()[0][:120]
-        raise SystemExit(f"[save] no room to write {path} ({reason}; {free:.1f} GiB free there). "
-                         "Nothing already saved was replaced. Free space (a finished run's resume/ folder can go), "
-                         "then rerun the command with --resume to continue from the last saved state, if one was "
-                         "saved.") from None
-
-
-def write_json(path, obj):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-
-
-def consolidated_state_dict(engine):
-    """Full state dict of a DeepSpeed engine's module on rank 0 (None elsewhere); all ranks must call."""
-    if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict() if is_rank0() else None
-
-
-def save_hf_checkpoint(hf_model, state_dict, tokenizer, out_dir, extra_json=None, prefix=""):
-    """Rank 0: write an HF checkpoint (safetensors, config, tokenizer, extra json files) atomically. prefix: what to
-    strip from the state dict's keys (RewardModel's "model."); "" for a bare HF model, whose keys may start "model."."""
-    if not is_rank0():
-        return
-    sd = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous()
-          for k, v in state_dict.items()}
-    with no_room_is_one_line(out_dir), atomic_path(out_dir) as tmp:
-        hf_model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_json or {}).items():
-            write_json(os.path.join(tmp, name), obj)
-        maybe_fault("in_save")  # test-only crash point (BSR_FAULT, see maybe_fault)
-
-
-def publish_checkpoint(src_dir, dst_dir):
-    """Rank 0: copy a finished checkpoint's files into dst_dir, each atomically, config.json last: once it is there the
-    weights are complete, so run_all.sh may read dst_dir/config.json as "this stage finished"."""
-    if not is_rank0():
-        return
-    for name in sorted(os.listdir(src_dir), key=lambda n: n == "config.json"):
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            with no_room_is_one_line(dst_dir), atomic_path(os.path.join(dst_dir, name)) as tmp:
-                shutil.copyfile(src, tmp)
-
-
-def save_train_state(engine, resume_dir, step):
-    """DeepSpeed shards + optimizer + scheduler + RNG in resume_dir/step-N, written to a temporary folder and renamed
-    when complete; then the 'latest' pointer moves and older states go. All ranks must call."""
-    name = f"step-{step:08d}"
-    tmp = os.path.join(resume_dir, f".tmp-{name}")
-    if is_rank0():
-        os.makedirs(resume_dir, exist_ok=True)
-    torch.distributed.barrier()
-    with no_room_is_one_line(resume_dir, partial=tmp):
-        engine.save_checkpoint(tmp, tag="ds", save_latest=False)
-        save_rng_state(tmp, torch.distributed.get_rank())
-    torch.distributed.barrier()
-    if is_rank0():
-        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
-        maybe_fault("in_resume_save")  # test-only crash point
-        os.replace(tmp, os.path.join(resume_dir, name))
-        with atomic_path(os.path.join(resume_dir, "latest")) as t:
-            with open(t, "w") as f:
-                f.write(name)
-        for old in os.listdir(resume_dir):
-            if old.startswith("step-") and old != name:
-                shutil.rmtree(os.path.join(resume_dir, old), ignore_errors=True)
-    torch.distributed.barrier()
-
-
-def save_rng_state(state_dir, rank):
-    """This rank's torch (and CUDA) RNG state as safetensors: a format that holds tensors only, never code."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    safetensors.torch.save_file(tensors, os.path.join(state_dir, f"rng_rank{rank}.safetensors"))
-
-
-def load_rng_state(state_dir, rank):
-    """Restore what save_rng_state wrote. An older version's rng_rank<r>.pt (a pickle) is read with
-    torch.load(weights_only=True), which refuses anything but tensors and plain containers: no code runs."""
-    path = os.path.join(state_dir, f"rng_rank{rank}.safetensors")
-    if os.path.exists(path):
-        rng = safetensors.torch.load_file(path)
-    else:
-        path = os.path.join(state_dir, f"rng_rank{rank}.pt")
-        try:
-            rng = torch.load(path, weights_only=True)
-        except Exception as e:  # UnpicklingError for a pickle that would run code
-            raise SystemExit(f"--resume: {path} is not a plain RNG state ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); refusing to load it") from None
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-
-
-def fingerprint(path):
-    """sha256 of a local data file (or of every file under a local dataset folder), None for a hub id: kept in a run's
-    config so that --resume refuses a data file edited in place."""
-    if not path or not os.path.exists(path):
-        return None
-    h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    for f in files:
-        h.update(os.path.relpath(f, path).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-# Flags that never change a training result, so --resume accepts new values; every other flag must match the run.
-RESUME_MAY_CHANGE = ("resume", "out", "save_steps", "local_rank", "zero_stage", "ds_config", "gradient_checkpointing")
-
-
-def check_resume(config_path, args, world_size, ds_config, may_change=(), fingerprints=None):
-    """--resume: refuse a flag that differs from the saved run's (but RESUME_MAY_CHANGE and may_change), a data file
-    whose fingerprint changed, and a DeepSpeed config that differs once filled. Returns the saved config."""
-    if not os.path.exists(config_path):
-        raise SystemExit(f"--resume: {config_path} is missing; the run cannot be checked, so it is not resumed")
-    with open(config_path) as f:
-        saved = json.load(f)
-    where = os.path.dirname(config_path)
-    free = set(RESUME_MAY_CHANGE) | set(may_change)
-    listed = ", ".join("--" + k.replace("_", "-") for k in sorted(free - {"resume", "local_rank", "out"}))
-    for key, value in sorted(vars(args).items()):
-        old = saved["args"].get(key, "(not recorded)")
-        if key not in free and old != value:
-            raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
-                             f"only {listed} may change on resume. Use the run's flags, or start a new run with "
-                             "another --out")
-    if fingerprints and "data_fingerprints" not in saved:  # a run started by an older version kept none
-        print0(f"[resume] {config_path} holds no data fingerprints (an older version wrote it): the data files "
-               "cannot be checked for changes")
-        fingerprints = {}
-    for key, value in (fingerprints or {}).items():
-        if saved["data_fingerprints"].get(key) != value:
-            raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
-                             f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "
-                             "file, or start a new run with another --out")
-    stage = saved["ds_config"].get("zero_optimization", {}).get("stage")
-    if saved["world_size"] != world_size or stage != ds_config.get("zero_optimization", {}).get("stage"):
-        raise SystemExit(f"--resume: the saved state is ZeRO stage {stage} on {saved['world_size']} processes; "
-                         f"resume with {saved['world_size']} processes and --zero-stage {stage}")
-    now = json.loads(json.dumps(ds_config, default=str))
-    if now != saved["ds_config"]:
-        diff = sorted(k for k in set(now) | set(saved["ds_config"]) if now.get(k) != saved["ds_config"].get(k))
-        raise SystemExit(f"--resume: the DeepSpeed config differs from the run's in {where} (keys {diff}); "
-                         "use the run's --ds-config")
-    return saved
-
-
-def last_good_state(out):
-    """What to do after a non-finite loss, true for this --out (the advice of every training stage)."""
-    latest = os.path.join(out, "resume", "latest")
-    if os.path.exists(latest):
-        with open(latest) as f:
-            state = os.path.join(out, "resume", f.read().strip())
-        return (f"The last good state is {state}; --resume continues from it only with the same flags (it refuses a "
-                "changed --lr or data), so to change them start a new run with another --out.")
-    return ("No resume state was saved before this step; change --lr or the data and start again (the same --out "
-            "is accepted: it holds no state to resume).")
-
-
-def truncate_torn_jsonl(path, keep=None):
-    """Rewrite a JSONL log keeping the rows keep(row) accepts. A last line that is not valid JSON is the torn tail of
-    a write that a kill interrupted: it is dropped, and said so. A bad line before the last is an error (file:line)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    rows = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(lines):
-                print0(f"[resume] {path}:{lineno}: dropped a torn last line (a write cut short by the crash): "
-                       f"{line[:60]!r}")
-                continue
-            raise SystemExit(f"--resume: {path}:{lineno}: not valid JSON; the log is damaged (only its last line "
-                             "may be torn). Repair or remove that line") from None
-        if keep is None or keep(row):
-            rows.append(row)
-    write_jsonl(path, rows)
-
-
-def load_train_state(engine, resume_dir, metrics_path=None):
-    """Restore the state save_train_state wrote last and return its step; metrics rows after it are dropped.
-    DeepSpeed's own loader unpickles its files, so a resume folder must be trusted like any pickle."""
-    with open(os.path.join(resume_dir, "latest")) as f:
-        state_dir = os.path.join(resume_dir, f.read().strip())
-    engine.load_checkpoint(state_dir, tag="ds")
-    with open(os.path.join(state_dir, "trainer_state.json")) as f:
-        step = json.load(f)["step"]
-    load_rng_state(state_dir, torch.distributed.get_rank())
-    if metrics_path and is_rank0():  # rows logged after the state are redone
-        truncate_torn_jsonl(metrics_path, lambda r: r.get("step", 0) <= step)
-    torch.distributed.barrier()
-    return step
-
-
-# ---------------------------------------------------------------------------------------------------
-# Output folders: a stage writes only into a folder it owns, never into (or around) its inputs
-# ---------------------------------------------------------------------------------------------------
-
-OWNER_FILE = ".written_by"
-_LEFTOVER = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_path's temporary names
-
-
-def folder_owner(out):
-    """The stage named in out/.written_by, or None."""
-    owner = read_json_or_none(os.path.join(out, OWNER_FILE))
-    return owner.get("stage") if isinstance(owner, dict) else None
-
-
-def write_owner(out, stage):
-    """Mark a folder as written by this stage (see claim_out_dir)."""
-    write_json(os.path.join(out, OWNER_FILE), {"stage": stage})
-
-
-def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
-    """Refuse an --out this stage may not write; otherwise (create=True, rank 0) create it and mark it as ours.
-
-    Refused: --out equal to, inside or containing an input (inputs: (flag, path) pairs; hub ids and None are ignored);
-    a file; a non-empty folder that is not this stage's (.written_by names another stage, or none and the folder lacks
-    legacy = (the stage's own config file, keys it must have), as runs of older versions do). resume (a training
-    stage's --resume): also refuse a run in --out without --resume, and --resume with no saved state. Read-only on every
-    rank with create=False, so call it so before writing anything."""
-    if create and not is_rank0():  # rank 0 checks and creates; another rank checking now could see rank 0's
-        _barrier()                # half-made folder (its .written_by temp file) and refuse it. Every rank ran the
-        return                    # read-only check (create=False) before the process group existed.
-    real = os.path.realpath(out)
-    for flag, path in inputs:
-        if not path or not os.path.exists(path):
-            continue
-        other = os.path.realpath(path)
-        how = ("is" if real == other else "is inside" if _within(real, other) else
-               "contains" if _within(other, real) else None)
-        if how:
-            raise SystemExit(f"--out {out} {how} the input {flag} {path}; a stage never writes into (or replaces) "
-                             "its own inputs: choose another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"--out {out} is an existing file, not a folder: choose another --out")
-    if os.path.isdir(out) and os.listdir(out):
-        owner = folder_owner(out)
-        config = legacy and owner is None and read_json_or_none(os.path.join(out, legacy[0]))
-        if owner != stage and not (isinstance(config, dict) and all(k in config for k in legacy[1])):
-            by = f"written by {owner}" if owner else f"not written by {stage}"
-            raise SystemExit(f"--out {out} is a non-empty folder {by}; {stage} writes only into a new folder or "
-                             "one it wrote itself: choose another --out")
-    latest = os.path.join(out, "resume", "latest")
-    if resume is False and os.path.exists(latest):
-        raise SystemExit(f"{out} already holds a run (resume/latest); pass --resume to continue it "
-                         "or choose another --out")
-    if resume and not os.path.exists(latest):
-        raise SystemExit(f"--resume: {latest} does not exist, so there is nothing to continue; "
-                         "drop --resume to start a new run")
-    if create:
-        os.makedirs(out, exist_ok=True)
-        if folder_owner(out) != stage:
-            write_owner(out, stage)
-        _barrier()
-
-
-def _within(path, folder):
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def pid_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_leftovers(folder, recurse=("resume",)):
-    """Rank 0, at start: delete what a crashed save left in a folder this stage owns: atomic_path's '<name>.tmp-<pid>'
-    of a process that is gone, save_train_state's resume/.tmp-step-N, and an 'epoch-N.old' / 'final.old' whose
-    replacement is complete (if the replacement is missing, the .old copy is put back). Returns the removed paths."""
-    if not is_rank0() or not os.path.isdir(folder):
-        return []
-
-    def dead_tmp(name):
-        m = _LEFTOVER.match(name)
-        return m is not None and not pid_alive(int(m["pid"]))
-
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if dead_tmp(name):
-            removed.append(path)
-        elif re.fullmatch(r"(epoch-\d+|final)\.old", name) and os.path.isdir(path):
-            if os.path.isdir(path[: -len(".old")]):
-                removed.append(path)
-            else:
-                os.replace(path, path[: -len(".old")])
-        elif name in recurse and os.path.isdir(path):
-            removed += [os.path.join(path, sub) for sub in sorted(os.listdir(path))
-                        if re.fullmatch(r"\.tmp-step-\d+", sub) or dead_tmp(sub)]
-    for path in removed:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-    for path in removed:
-        print0(f"[start] removed {path}, left by a crash while saving")
-    return removed
-
-
 # ---------------------------------------------------------------------------------------------------
 # argparse types: a bad number is a usage error naming the flag, not a traceback later
 # ---------------------------------------------------------------------------------------------------
@@ -1052,27 +652,6 @@ positive_float = number_type(float, 0, low_open=True)
 nonneg_float = number_type(float, 0)
 finite_float = number_type(float)
 fraction = number_type(float, 0, 1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# TEST ONLY: crash injection for the resume tests. Does nothing unless BSR_FAULT='<point>@<step>' is set.
-# ---------------------------------------------------------------------------------------------------
-_fault_step = None
-
-
-def set_fault_step(step):
-    global _fault_step
-    _fault_step = step
-
-
-def fault_here(point):
-    name, _, step = os.environ.get("BSR_FAULT", "").partition("@")
-    return name == point and step.isdigit() and int(step) == _fault_step
-
-
-def maybe_fault(point):
-    if fault_here(point):
-        os.kill(os.getpid(), signal.SIGKILL)  # a real, abrupt crash
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -81,8 +81,8 @@ def make_work(args, out):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForSequenceClassification, LlamaConfig, PreTrainedTokenizerFast
 
+    import checkpoint
     import train_rm
-    import utils
 
     preset = dict(PRESETS[args.preset])
     n_train = args.steps * args.global_batch_size * 2  # skips (too long) must not starve the run
@@ -90,8 +90,8 @@ def make_work(args, out):
     pairs = (alpaca_pairs(args.alpaca_eval_dir, n_train + args.eval_pairs, args.seed) if use_alpaca
              else synthetic_pairs(n_train + args.eval_pairs, args.seed))
     for name, rows in (("train", pairs[: n_train]), ("eval", pairs[n_train:])):
-        utils.write_jsonl(os.path.join(out, f"{name}.jsonl"),
-                          [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+        checkpoint.write_jsonl(os.path.join(out, f"{name}.jsonl"),
+                               [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -92,10 +92,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def fault_env(env):
+    """env with BSR_FAULT set also gets tests/fault_hook first on PYTHONPATH: the crash injection that the stages'
+    processes then load (tests/fault_hook/sitecustomize.py). Product code holds no test hook."""
+    if env.get("BSR_FAULT"):
+        env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "tests", "fault_hook")]
+                                            + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 def run_script(args, nproc=1, env=None, timeout=600, check=True, launcher="torchrun"):
     """Run a repo script as the README does: `python x.py` (1 process), or n processes (gloo) under
     `torchrun` or the `deepspeed` launcher (which also passes --local_rank to the script)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    full_env = fault_env(dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {})))
     if nproc == 1:
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             full_env.pop(k, None)

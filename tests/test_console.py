@@ -207,12 +207,12 @@ def local_imports(name):
     return found & ours
 
 
-def test_no_stage_imports_a_stage_and_the_trainer_forks_with_utils_alone():
+def test_no_stage_imports_a_stage_and_the_trainer_forks_with_utils_and_checkpoint():
     imports = {stage: local_imports(stage) for stage in STAGES}
     for stage, mods in imports.items():
         assert not mods & set(STAGES), f"{stage}.py imports the stage(s) {sorted(mods & set(STAGES))}"
-    # the fork the README promises: train_rm.py + utils.py + ds_config.json, nothing else of ours
-    assert imports["train_rm"] == {"utils"}
-    assert local_imports("utils") == set()
+    # the fork the README promises: train_rm.py + utils.py + checkpoint.py + ds_config.json, nothing else of ours
+    assert imports["train_rm"] == {"utils", "checkpoint"}
+    assert local_imports("utils") == set() and local_imports("checkpoint") == {"utils"}
     # the vLLM engine and the gold model live in generation.py, used by the two stages that generate / judge
     assert {s for s, mods in imports.items() if "generation" in mods} == {"make_data", "rloo"}

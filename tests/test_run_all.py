@@ -6,14 +6,14 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, fault_env
 
 import eval_rm
 
 
 def run_all(runs, env=None):
-    full = {**os.environ, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-            **(env or {})}
+    full = fault_env({**os.environ, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable,
+                      "OMP_NUM_THREADS": "1", **(env or {})})
     full.pop("RESULTS", None)
     # an earlier in-process test (eval_rm.main, ...) left this pytest process's torch.distributed settings in
     # os.environ, its store still listening on MASTER_PORT: a stage must start its own world, as from a shell

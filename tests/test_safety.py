@@ -17,6 +17,7 @@ import make_data as md
 import rloo
 import sft
 import train_rm
+import checkpoint
 import utils
 
 
@@ -46,8 +47,8 @@ def test_make_data_keeps_a_folder_that_merely_holds_a_manifest(tmp_path):
     # its own folder (and a folder an older make_data.py wrote: a manifest with its keys) is replaced as before
     out = tmp_path / "mine"
     md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(out)])
-    assert json.load(open(out / utils.OWNER_FILE)) == {"stage": "make_data.py"}
-    os.remove(out / utils.OWNER_FILE)
+    assert json.load(open(out / checkpoint.OWNER_FILE)) == {"stage": "make_data.py"}
+    os.remove(out / checkpoint.OWNER_FILE)
     md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(out)])
     assert len(list(utils.read_jsonl(str(out / "train.jsonl")))) == 6
 
@@ -68,7 +69,7 @@ def test_make_data_removes_its_own_stale_tmp_folder_only(tmp_path):
     pid = dead_pid()
     ours, foreign = tmp_path / f"out.tmp-{pid}", tmp_path / f"out.tmp-{pid + 1}"
     ours.mkdir()
-    utils.write_owner(str(ours), "make_data.py")
+    checkpoint.write_owner(str(ours), "make_data.py")
     foreign.mkdir()
     (foreign / "x").write_text("not ours")
     md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(tmp_path / "out")])
@@ -81,20 +82,20 @@ def test_claim_out_dir_rules(tmp_path, tiny_llama):
     before = tree(model)
     for out, how in ((model, "is"), (model / "rm", "is inside"), (tmp_path, "contains")):
         with pytest.raises(SystemExit, match=f"--out {out} {how} the input --model"):
-            utils.claim_out_dir(str(out), "train_rm.py", [("--model", str(model))])
-    utils.claim_out_dir(str(tmp_path / "new"), "train_rm.py", [("--model", str(model)), ("--eval-file", None),
-                                                               ("--train-file", "org/hub-dataset")])
+            checkpoint.claim_out_dir(str(out), "train_rm.py", [("--model", str(model))])
+    checkpoint.claim_out_dir(str(tmp_path / "new"), "train_rm.py", [("--model", str(model)), ("--eval-file", None),
+                                                                    ("--train-file", "org/hub-dataset")])
     assert json.load(open(tmp_path / "new" / ".written_by")) == {"stage": "train_rm.py"}
-    utils.claim_out_dir(str(tmp_path / "new"), "train_rm.py")  # its own folder: accepted
+    checkpoint.claim_out_dir(str(tmp_path / "new"), "train_rm.py")  # its own folder: accepted
     with pytest.raises(SystemExit, match="non-empty folder written by train_rm.py; sft.py writes only"):
-        utils.claim_out_dir(str(tmp_path / "new"), "sft.py")
+        checkpoint.claim_out_dir(str(tmp_path / "new"), "sft.py")
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")
     with pytest.raises(SystemExit, match="non-empty folder not written by eval_rm.py"):
-        utils.claim_out_dir(str(other), "eval_rm.py")
+        checkpoint.claim_out_dir(str(other), "eval_rm.py")
     (other / "eval_config.json").write_text(json.dumps({"args": {}, "models": {}}))  # an older eval_rm.py's folder
-    utils.claim_out_dir(str(other), "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
+    checkpoint.claim_out_dir(str(other), "eval_rm.py", legacy=("eval_config.json", ("args", "models")))
     assert tree(model) == before
 
 
@@ -183,30 +184,31 @@ def test_resume_refuses_every_flag_that_changes_the_result(tmp_path, stage, base
     for extra in refused:
         flag = extra[0]
         with pytest.raises(SystemExit, match=f"--resume: {flag} is .* but the run in"):
-            utils.check_resume(str(cfg), stage.parse_args(base + extra + ["--resume"]), 1, ds, stage.RESUME_MAY_CHANGE)
+            checkpoint.check_resume(str(cfg), stage.parse_args(base + extra + ["--resume"]), 1, ds,
+                                    stage.RESUME_MAY_CHANGE)
     for extra in accepted:
-        utils.check_resume(str(cfg), stage.parse_args(base + extra + ["--resume"]), 1, ds, stage.RESUME_MAY_CHANGE)
+        checkpoint.check_resume(str(cfg), stage.parse_args(base + extra + ["--resume"]), 1, ds, stage.RESUME_MAY_CHANGE)
     with pytest.raises(SystemExit, match="DeepSpeed config differs"):
-        utils.check_resume(str(cfg), stage.parse_args(base + ["--resume"]), 1,
-                           {"zero_optimization": {"stage": 0}, "gradient_clipping": 2.0}, stage.RESUME_MAY_CHANGE)
+        checkpoint.check_resume(str(cfg), stage.parse_args(base + ["--resume"]), 1,
+                                {"zero_optimization": {"stage": 0}, "gradient_clipping": 2.0}, stage.RESUME_MAY_CHANGE)
 
 
 def test_fingerprint_follows_content(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"a": 1}\n')
-    first = utils.fingerprint(str(f))
+    first = checkpoint.fingerprint(str(f))
     os.utime(f, (1, 1))
-    assert utils.fingerprint(str(f)) == first  # a touch is not a change
+    assert checkpoint.fingerprint(str(f)) == first  # a touch is not a change
     f.write_text('{"a": 2}\n')
-    assert utils.fingerprint(str(f)) != first
-    assert utils.fingerprint("org/hub-dataset") is None and utils.fingerprint(None) is None
+    assert checkpoint.fingerprint(str(f)) != first
+    assert checkpoint.fingerprint("org/hub-dataset") is None and checkpoint.fingerprint(None) is None
     cfg = tmp_path / "train_config.json"
     args = argparse.Namespace(train_file=str(f))
     cfg.write_text(json.dumps({"args": vars(args), "world_size": 1, "ds_config": {}, "data_fingerprints": {
         "train_file": first}}))
     with pytest.raises(SystemExit, match=r"--train-file .*d.jsonl changed since the run in .* started"):
-        utils.check_resume(str(cfg), args, 1, {}, (), {"train_file": utils.fingerprint(str(f))})
-    utils.check_resume(str(cfg), args, 1, {}, (), {"train_file": first})
+        checkpoint.check_resume(str(cfg), args, 1, {}, (), {"train_file": checkpoint.fingerprint(str(f))})
+    checkpoint.check_resume(str(cfg), args, 1, {}, (), {"train_file": first})
 
 
 RM_FLAGS = ["--micro-batch-size", "8", "--lr", "1e-3", "--global-batch-size", "8", "--epochs", "2", "--max-length",
@@ -292,12 +294,12 @@ def test_gold_model_non_finite_scores_are_counted_skips(monkeypatch):
 def test_torn_last_line_is_dropped_and_a_bad_middle_line_is_an_error(tmp_path, capsys):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "tr')
-    utils.truncate_torn_jsonl(str(log), lambda r: r["step"] <= 2)
+    checkpoint.truncate_torn_jsonl(str(log), lambda r: r["step"] <= 2)
     assert [json.loads(x) for x in log.read_text().splitlines()] == [{"step": 1}, {"step": 2}]
     assert "metrics.jsonl:4: dropped a torn last line" in capsys.readouterr().out
     log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
     with pytest.raises(SystemExit, match=r"metrics.jsonl:2: not valid JSON"):
-        utils.truncate_torn_jsonl(str(log))
+        checkpoint.truncate_torn_jsonl(str(log))
 
 
 # ------------------------------------------------------------------------------------------ 9. bad numbers
@@ -334,10 +336,10 @@ def test_bad_numbers_of_make_data_and_eval_rm_are_usage_errors(capsys):
 
 
 def test_non_finite_loss_advice_is_true_with_and_without_a_saved_state(tmp_path):
-    assert "No resume state was saved" in utils.last_good_state(str(tmp_path))
+    assert "No resume state was saved" in checkpoint.last_good_state(str(tmp_path))
     (tmp_path / "resume").mkdir()
     (tmp_path / "resume" / "latest").write_text("step-00000002")
-    advice = utils.last_good_state(str(tmp_path))
+    advice = checkpoint.last_good_state(str(tmp_path))
     assert f"{tmp_path}/resume/step-00000002" in advice and "another --out" in advice
 
 
@@ -363,7 +365,7 @@ def test_remove_leftovers_takes_only_our_dead_temporaries(tmp_path):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "epoch-2.old" / "model.safetensors").write_text("the only complete copy")
     (tmp_path / f"metrics.jsonl.tmp-{pid}").write_text("{")
-    utils.remove_leftovers(str(tmp_path))
+    checkpoint.remove_leftovers(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["epoch-2", "epoch-3", f"epoch-4.tmp-{os.getpid()}", "my.tmp", "resume"]
     assert (tmp_path / "epoch-2" / "model.safetensors").read_text() == "the only complete copy"  # put back
     assert os.listdir(tmp_path / "resume") == ["step-00000002"]
@@ -401,10 +403,10 @@ def test_rng_state_is_safetensors_and_a_crafted_pickle_is_not_executed(tmp_path)
     state = tmp_path / "step-00000002"
     state.mkdir()
     torch.manual_seed(123)
-    utils.save_rng_state(str(state), 0)
+    checkpoint.save_rng_state(str(state), 0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    utils.load_rng_state(str(state), 0)
+    checkpoint.load_rng_state(str(state), 0)
     assert torch.equal(torch.rand(3), expected)  # round trip
 
     marker = tmp_path / "pwned"
@@ -412,11 +414,11 @@ def test_rng_state_is_safetensors_and_a_crafted_pickle_is_not_executed(tmp_path)
     with open(state / "rng_rank0.pt", "wb") as f:
         pickle.dump({"torch": _Exploit(marker)}, f)
     with pytest.raises(SystemExit, match="is not a plain RNG state"):
-        utils.load_rng_state(str(state), 0)
+        checkpoint.load_rng_state(str(state), 0)
     assert not marker.exists()
     # an older state written by torch.save of tensors still loads
     torch.save({"torch": torch.get_rng_state(), "cuda": None}, state / "rng_rank0.pt")
-    utils.load_rng_state(str(state), 0)
+    checkpoint.load_rng_state(str(state), 0)
 
 
 # ------------------------------------------------------------------------------------------ a full disk while saving
@@ -437,11 +439,11 @@ def test_a_save_without_room_is_one_line_and_removes_its_partial_folder(tmp_path
     partial = tmp_path / "resume" / ".tmp-step-00000004"
     partial.mkdir(parents=True)
     with pytest.raises(SystemExit, match=r"^\[save\] no room to write .*GiB free there.*--resume") as e:
-        with utils.no_room_is_one_line(str(tmp_path / "resume"), partial=str(partial)):
+        with checkpoint.no_room_is_one_line(str(tmp_path / "resume"), partial=str(partial)):
             raise error
     assert "\n" not in str(e.value) and not partial.exists()
     with pytest.raises(OSError, match="Permission denied"):  # any other failure keeps its own error
-        with utils.no_room_is_one_line(str(tmp_path)):
+        with checkpoint.no_room_is_one_line(str(tmp_path)):
             raise OSError(13, "Permission denied")
 
 

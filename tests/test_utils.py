@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import utils
 from conftest import make_tiny_lm
 from train_rm import PackedRewardModel, init_reward_head, load_pairs, pack_batch
@@ -314,11 +315,11 @@ def test_training_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
 
 def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
     final = tmp_path / "ckpt"
-    with utils.atomic_path(str(final)) as tmp:
+    with checkpoint.atomic_path(str(final)) as tmp:
         os.makedirs(tmp)
         (open(os.path.join(tmp, "a"), "w")).write("old")
     with pytest.raises(RuntimeError):
-        with utils.atomic_path(str(final)) as tmp:
+        with checkpoint.atomic_path(str(final)) as tmp:
             os.makedirs(tmp)
             (open(os.path.join(tmp, "a"), "w")).write("new")
             raise RuntimeError("crash while saving")
@@ -331,11 +332,11 @@ def test_resume_refuses_changed_flags_world_size_or_stage(tmp_path):
     cfg = tmp_path / "train_config.json"
     cfg.write_text(json.dumps({"args": {"lr": 1e-3}, "world_size": 2, "ds_config": {"zero_optimization": {"stage": 3}}}))
     same = {"zero_optimization": {"stage": 3}}
-    utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 2, same)  # accepted
+    checkpoint.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 2, same)  # accepted
     with pytest.raises(SystemExit, match="--lr is 0.002 but the run in"):
-        utils.check_resume(str(cfg), argparse.Namespace(lr=2e-3), 2, same)
+        checkpoint.check_resume(str(cfg), argparse.Namespace(lr=2e-3), 2, same)
     with pytest.raises(SystemExit, match="ZeRO stage 3 on 2 processes; resume with 2 processes and --zero-stage 3"):
-        utils.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 1, {"zero_optimization": {"stage": 0}})
+        checkpoint.check_resume(str(cfg), argparse.Namespace(lr=1e-3), 1, {"zero_optimization": {"stage": 0}})
 
 
 def test_init_distributed_retries_when_its_free_port_is_taken():
