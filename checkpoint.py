@@ -1,8 +1,8 @@
-"""What a stage writes, written so that nothing is lost: atomic files and folders (and one line when the disk is full),
-HF checkpoints, the resume state of the training stages and the checks that refuse a resume that would change the
-result, and the rules for --out folders (a stage writes only into a folder it owns; a crash's leftovers are cleaned
-at the next start). Used by every stage; train_rm.py's fork is train_rm.py + utils.py + checkpoint.py +
-ds_config.json."""
+"""Checkpoints and run folders, read and written so that nothing is lost or silently wrong: the model-path and
+reward-head checks done before loading, atomic files and folders (one line when the disk is full), HF checkpoints, the
+resume state of the training stages and the checks that refuse a resume that would change the result, and the rules
+for --out folders (a stage writes only into a folder it owns; a crash's leftovers are cleaned at the next start).
+Used by every stage; train_rm.py's fork is train_rm.py + utils.py + checkpoint.py + ds_config.json."""
 
 import contextlib
 import errno
@@ -14,8 +14,66 @@ import shutil
 
 import safetensors.torch
 import torch
+import transformers  # lazy: its Auto classes load on first use
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 import utils
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a model: one clear line for a path that is not a model, or a checkpoint without a trained reward head
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_model_source(name, flag="--model"):
+    """A model flag names a local folder or a hub id; anything else stops here with one clear line (transformers
+    would give a long chained traceback ending in "Repo id must be in the form 'repo_name'")."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise SystemExit(f"{flag} {name}: the folder holds no config.json, so it is not a saved model")
+        return
+    if os.path.exists(name):
+        raise SystemExit(f"{flag} {name}: a file, not a model folder or a hub id")
+    try:
+        validate_repo_id(name)
+        hub_id = name.count("/") <= 1 and not name.startswith(("/", "./", "../", "~"))
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        raise SystemExit(f"{flag} {name}: no such local folder, and not a valid hub id (a hub id is 'name' or "
+                         "'org/name')")
+    parent = name.split("/")[0]
+    if "/" in name and os.path.isdir(parent):  # 'runs/sft' with a local runs/: almost surely a mistyped path
+        raise SystemExit(f"{flag} {name}: no such local folder (there is a local {parent}/, so this is not read as "
+                         "a hub id)")
+
+
+def check_reward_model(name, flag="--model"):
+    """Refuse a checkpoint without a trained Linear(H, 1) head (a causal LM or a bare encoder would be scored through a
+    random head); every stage that loads a TRAINED reward model calls it first."""
+    check_model_source(name, flag)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {name}: cannot load a model config ({e})") from None
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise SystemExit(f"{flag} {name}: not a reward model (config.architectures = {archs}). A trained reward head "
+                         "is needed: an ...ForSequenceClassification checkpoint with num_labels=1, such as "
+                         "train_rm.py's --out. A causal LM or a bare encoder has none; train one with train_rm.py.")
+    if config.num_labels != 1:
+        raise SystemExit(f"{flag} {name}: a classifier with {config.num_labels} labels; a reward model has 1")
+    keys = []
+    index, weights = os.path.join(name, "model.safetensors.index.json"), os.path.join(name, "model.safetensors")
+    if os.path.isdir(name) and os.path.exists(index):
+        with open(index) as f:
+            keys = list(json.load(f)["weight_map"])
+    elif os.path.isdir(name) and os.path.exists(weights):
+        with safetensors.safe_open(weights, "pt") as f:
+            keys = list(f.keys())
+    if keys and not any(k.split(".")[-2] in ("score", "classifier") for k in keys if k.count(".")):
+        raise SystemExit(f"{flag} {name}: config says {archs} but the weights hold no 'score'/'classifier' "
+                         "head; the head would be random")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -694,7 +694,7 @@ def main(argv=None):
     plans = [cache_plan(model, label, sets, args) for model, label in zip(args.model, labels)]
     for model, (_, cached) in zip(args.model, plans):  # fail before hours of scoring, not after
         if len(cached) < len(sets):
-            utils.check_reward_model(model, "--model")
+            checkpoint.check_reward_model(model, "--model")
 
     # ---------------------------------------------------------------- score (or read the cache) and measure
     report = {"models": {}, "gold": {}, "data": {}}

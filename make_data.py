@@ -32,9 +32,9 @@ import shutil
 
 import torch
 
+import checkpoint
 import generation
 import toy_world
-import checkpoint
 import utils
 from utils import DataError, progress
 

@@ -87,9 +87,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+import checkpoint
 import generation
 import report
-import checkpoint
 import utils
 from toy_world import gold_reward
 from utils import print0
@@ -704,14 +704,14 @@ def main(argv=None):
     for flag, name in (("--policy", args.policy), ("--reward-model", args.reward_model),
                        ("--gold-model", args.gold_model)):
         if name:
-            utils.check_model_source(name, flag)
+            checkpoint.check_model_source(name, flag)
     resume_dir = os.path.join(args.out, "resume")
     checkpoint.claim_out_dir(args.out, "rloo.py", [("--policy", args.policy), ("--reward-model", args.reward_model),
                                                    ("--prompts", args.prompts), ("--gold-prompts", args.gold_prompts),
                                                    ("--gold-model", args.gold_model)],
                              legacy=("rloo_config.json", ("args", "ds_config")), create=False,
                              resume=bool(args.resume))
-    utils.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
+    checkpoint.check_reward_model(args.reward_model, "--reward-model")  # a causal LM would get a random head
     rank, world, _, device = utils.init_distributed()
     checkpoint.claim_out_dir(args.out, "rloo.py", legacy=("rloo_config.json", ("args", "ds_config")))
     checkpoint.remove_leftovers(args.out)

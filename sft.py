@@ -340,7 +340,7 @@ def save_epoch_checkpoint(engine, model, tokenizer, out, epoch, run_config, row)
 def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
-    utils.check_model_source(args.model, "--model")
+    checkpoint.check_model_source(args.model, "--model")
     resume_dir = os.path.join(args.out, "resume")
     checkpoint.claim_out_dir(args.out, "sft.py", [("--model", args.model), ("--train-file", args.train_file),
                                                   ("--eval-file", args.eval_file)],

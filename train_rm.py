@@ -528,7 +528,7 @@ def save_epoch_checkpoint(engine, hf_model, tokenizer, out, epoch, run_config, e
 def main(argv=None):
     args = parse_args(argv)
     utils.quiet_libraries()  # before deepspeed is imported: it logs on import
-    utils.check_model_source(args.model, "--model")
+    checkpoint.check_model_source(args.model, "--model")
     from transformers.integrations import HfDeepSpeedConfig  # after quiet_libraries, like deepspeed itself
 
     resume_dir = os.path.join(args.out, "resume")
@@ -537,7 +537,7 @@ def main(argv=None):
                              legacy=("train_config.json", ("args", "ds_config")), create=False,
                              resume=bool(args.resume))
     if args.head_init == "keep":  # continuing from --model's head: it must be a trained one
-        utils.check_reward_model(args.model, "--model (with --head-init keep)")
+        checkpoint.check_reward_model(args.model, "--model (with --head-init keep)")
     rank, world, _, device = utils.init_distributed()
     checkpoint.claim_out_dir(args.out, "train_rm.py", legacy=("train_config.json", ("args", "ds_config")))
     checkpoint.remove_leftovers(args.out)

@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import rloo  # noqa: E402
 import generation  # noqa: E402
+import rloo  # noqa: E402
 import utils  # noqa: E402
 
 WORDS = "the cat dog sat on a mat ran fast red blue one two three answer is yes no sort list count add sum".split()

@@ -9,6 +9,7 @@ import types
 
 import pytest
 
+import checkpoint
 import utils
 from conftest import REPO
 
@@ -152,18 +153,18 @@ def test_op_compile_is_announced_once_and_extensions_dir_is_per_environment(tmp_
 def test_model_source_check_names_the_problem(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"--model runs/toy/base: no such local folder, and not a valid hub id"):
-        utils.check_model_source("runs/toy/base")
+        checkpoint.check_model_source("runs/toy/base")
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit, match=r"--policy runs/sft: no such local folder \(there is a local runs/"):
-        utils.check_model_source("runs/sft", "--policy")
+        checkpoint.check_model_source("runs/sft", "--policy")
     with pytest.raises(SystemExit, match="holds no config.json"):
-        utils.check_model_source("runs")
+        checkpoint.check_model_source("runs")
     (tmp_path / "weights.bin").write_text("")
     with pytest.raises(SystemExit, match="a file, not a model folder"):
-        utils.check_model_source("weights.bin")
-    utils.check_model_source("Qwen/Qwen2.5-1.5B")  # a hub id passes (loaded later, by transformers)
+        checkpoint.check_model_source("weights.bin")
+    checkpoint.check_model_source("Qwen/Qwen2.5-1.5B")  # a hub id passes (loaded later, by transformers)
     (tmp_path / "runs" / "config.json").write_text("{}")
-    utils.check_model_source("runs")
+    checkpoint.check_model_source("runs")
 
 
 def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
@@ -179,7 +180,7 @@ def test_every_stage_refuses_a_mistyped_model_path_with_one_line(tmp_path):
               "--policy"),
              (rloo.main, ["--policy", str(tmp_path), "--reward-model", missing, "--prompts", "p.jsonl", "--out", out],
               "--policy"),  # a folder without config.json
-             (utils.check_reward_model, missing, "--model")]
+             (checkpoint.check_reward_model, missing, "--model")]
     for main, argv, flag in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -12,6 +12,7 @@ import scipy.stats
 import torch
 from conftest import REPO, random_text, run_script
 
+import checkpoint
 import eval_rm
 import utils
 from report import figure5, load_rloo, mean_pm_std, rloo_report, seed_groups
@@ -298,7 +299,7 @@ def test_model_without_head_is_refused(tmp_path, tiny_llama):
     BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path / "bert")
     with pytest.raises(SystemExit, match=r"not a reward model \(config.architectures = \['BertModel'\]\)"):
-        utils.check_reward_model(str(tmp_path / "bert"), "--model")
+        checkpoint.check_reward_model(str(tmp_path / "bert"), "--model")
 
 
 # ---------------------------------------------------------------------------------------------------

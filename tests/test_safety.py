@@ -14,10 +14,10 @@ import torch
 from conftest import read_metrics, run_script, write_pairs
 
 import make_data as md
+import checkpoint
 import rloo
 import sft
 import train_rm
-import checkpoint
 import utils
 
 
@@ -144,12 +144,12 @@ def test_causal_lm_as_reward_model_is_refused_by_every_loader(tmp_path, tiny_lla
         train_rm.main(["--model", tiny_llama, "--train-file", pairs, "--out", str(tmp_path / "rm"),
                        "--head-init", "keep"])
     with pytest.raises(SystemExit, match="not a reward model"):
-        utils.check_reward_model(tiny_llama, "--model")  # eval_rm.py's check (its end-to-end refusal: test_eval_rm)
+        checkpoint.check_reward_model(tiny_llama, "--model")  # eval_rm.py's check (end to end: test_eval_rm)
     assert not (tmp_path / "rloo").exists() and not (tmp_path / "rm").exists()
     # a real reward model passes the shared check
     tok = utils.load_tokenizer(tiny_llama)
     utils.load_reward_model(tiny_llama, tok).save_pretrained(tmp_path / "real_rm")
-    utils.check_reward_model(str(tmp_path / "real_rm"), "--reward-model")
+    checkpoint.check_reward_model(str(tmp_path / "real_rm"), "--reward-model")
 
 
 # ------------------------------------------------------------------------------------------ 4. resume refusals
