@@ -217,3 +217,11 @@ def test_no_stage_imports_a_stage_and_the_trainer_forks_with_utils_and_checkpoin
     assert local_imports("utils") == set() and local_imports("checkpoint") == {"utils"}
     # the vLLM engine and the gold model live in generation.py, used by the two stages that generate / judge
     assert {s for s, mods in imports.items() if "generation" in mods} == {"make_data", "rloo"}
+
+
+def test_product_code_holds_no_test_hook():
+    """Crash injection for the resume tests lives in tests/fault_hook/ and patches a stage from outside."""
+    for name in sorted(f for f in os.listdir(REPO) if f.endswith(".py")):
+        with open(os.path.join(REPO, name)) as f:
+            text = f.read()
+        assert "BSR_FAULT" not in text and "fault_here" not in text, f"{name} holds a test hook"
