@@ -447,10 +447,10 @@ def generate_with_vllm(name, conversations, args):
                add_special_tokens=False)["input_ids"] for c in conversations]
     longest = max(len(p) for p in ids)
     llm = generation.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
-                            dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                            seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-                            needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
-                            trust_remote_code=args.trust_remote_code)
+                                 dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                                 seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
+                                 needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
+                                 trust_remote_code=args.trust_remote_code)
     params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_new_tokens, seed=args.seed)
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=progress)
@@ -488,7 +488,7 @@ def gold_scorer(args):
     """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = generation.load_gold_model(args.gold_model, args.trust_remote_code,
-                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
+                                            torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = model.to(device).eval()
 
     def model_fn(input_ids, attention_mask):

@@ -140,7 +140,6 @@ def rloo_report(runs, model_paths=None):
 
     reward_model_label: the RM's label among the evaluated models (e.g. bsr/seed1), so tables name it by method.
     """
-
     by_path = {os.path.normpath(p): label for label, p in (model_paths or {}).items()}
     out = {}
     for name, run in runs.items():

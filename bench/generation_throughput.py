@@ -160,8 +160,8 @@ def main():
                 runners["hf"] = run_hf
             else:
                 llm = generation.vllm_engine(path, max_model_len=max(map(len, ids)) + args.max_new_tokens,
-                                        dtype=torch.float32, seed=args.seed, colocated=False, kv_cache_gb=1.0,
-                                        generation_config="vllm")
+                                             dtype=torch.float32, seed=args.seed, colocated=False, kv_cache_gb=1.0,
+                                             generation_config="vllm")
 
                 def run_vllm(seed, llm=llm):
                     return rloo.generate_vllm(llm, group, args, stop_ids, seed)

@@ -61,7 +61,7 @@ def sample(policy_dir, prompts, cfg, samples, seed):
                             add_special_tokens=False)["input_ids"] for p in prompts]
     run_args = argparse.Namespace(**cfg["args"])
     llm = generation.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + run_args.max_new_tokens,
-                            dtype=None, seed=seed, colocated=False, generation_config="vllm")
+                                 dtype=None, seed=seed, colocated=False, generation_config="vllm")
     outs = rloo.generate_vllm(llm, [ids for ids in prompt_ids for _ in range(samples)], run_args, stop_ids, seed)
     result = []
     for tokens, finished in outs:

@@ -22,43 +22,46 @@ def crash():
 
 def patch_utils(utils):
     step = int(STEP)
-    append_jsonl = utils.append_jsonl
+    if POINT == "after_step":
+        append_jsonl = utils.append_jsonl
 
-    def append_then_crash(path, rows):
-        append_jsonl(path, rows)
-        if POINT == "after_step" and any(r.get("step") == step and any(k.startswith("train/") for k in r)
-                                         for r in rows):
-            crash()
+        def append_then_crash(path, rows):
+            append_jsonl(path, rows)
+            if any(r.get("step") == step and any(k.startswith("train/") for k in r) for r in rows):
+                crash()
 
-    init_distributed = utils.init_distributed
+        utils.append_jsonl = append_then_crash
+    elif POINT == "nan":  # DeepSpeed is imported by init_distributed, not before (it logs on import)
+        init_distributed = utils.init_distributed
 
-    def init_then_poison_forward(*args, **kwargs):
-        out = init_distributed(*args, **kwargs)
-        from deepspeed.runtime.engine import DeepSpeedEngine
+        def init_then_poison_forward(*args, **kwargs):
+            out = init_distributed(*args, **kwargs)
+            from deepspeed.runtime.engine import DeepSpeedEngine
 
-        forward = DeepSpeedEngine.forward
+            forward = DeepSpeedEngine.forward
 
-        def poisoned(self, *a, **kw):  # global_steps counts finished optimizer steps (restored on resume)
-            result = forward(self, *a, **kw)
-            if self.module.training and self.global_steps + 1 == step:
-                if isinstance(result, tuple):
-                    return (result[0] * float("nan"),) + tuple(result[1:])
-                result.logits = result.logits * float("nan")
-            return result
+            def poisoned(self, *a, **kw):  # global_steps counts finished optimizer steps (restored on resume)
+                result = forward(self, *a, **kw)
+                if self.module.training and self.global_steps + 1 == step:
+                    if isinstance(result, tuple):
+                        return (result[0] * float("nan"),) + tuple(result[1:])
+                    result.logits = result.logits * float("nan")
+                return result
 
-        if POINT == "nan":
             DeepSpeedEngine.forward = poisoned
-        return out
+            return out
 
-    utils.append_jsonl, utils.init_distributed = append_then_crash, init_then_poison_forward
+        utils.init_distributed = init_then_poison_forward
 
 
 def patch_checkpoint(checkpoint):
+    if POINT != "in_resume_save":
+        return
     write_json = checkpoint.write_json
 
     def write_then_crash(path, obj):  # save_train_state's last write before the rename
         write_json(path, obj)
-        if POINT == "in_resume_save" and path.endswith("trainer_state.json") and obj.get("step") == int(STEP):
+        if path.endswith("trainer_state.json") and obj.get("step") == int(STEP):
             crash()
 
     checkpoint.write_json = write_then_crash
