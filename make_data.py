@@ -20,9 +20,7 @@ The folder is written atomically: a crash leaves the previous folder (or none), 
 """
 
 import argparse
-import gc
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -407,28 +405,25 @@ def short_model_name(path):
     return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
 
 
-def vllm_importable():
-    """--generator auto: use vLLM only where it imports (the engine itself comes from generation.vllm_engine)."""
-    try:
-        return importlib.import_module("vllm") is not None
-    except ImportError:
-        return False
-
-
 def generate_responses(args, prompts, skipped):
     """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
     models = [m.strip() for m in args.new_models.split(",") if m.strip()]
     if len(models) * args.samples_per_model < 4:
         raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
                          "fewer than 4 responses per prompt")
-    use_vllm = args.generator == "vllm" or (args.generator == "auto" and vllm_importable()
+    use_vllm = args.generator == "vllm" or (args.generator == "auto" and generation.vllm_importable()
                                             and torch.cuda.is_available())
     pids = sorted(prompts, key=lambda p: (len(prompts[p]), p))  # similar lengths share a batch: less padding
     conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
-    generate = generate_with_vllm if use_vllm else generate_with_transformers
     out = {pid: [] for pid in pids}
     for name in models:
-        texts = generate(name, conversations, args)
+        if use_vllm:
+            texts = generation.chat_samples_vllm(name, conversations, args.samples_per_model, args, args.seed,
+                                                 args.tensor_parallel_size, args.trust_remote_code)
+        else:
+            texts = generation.chat_samples_hf(name, conversations, args.samples_per_model, args, args.seed,
+                                               args.gen_batch_size, args.trust_remote_code,
+                                               desc=f"generate {short_model_name(name)}")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         for pid, ts in zip(pids, texts):
@@ -438,70 +433,10 @@ def generate_responses(args, prompts, skipped):
     return out
 
 
-def generate_with_vllm(name, conversations, args):
-    """[[--samples-per-model texts] per conversation]: the same prompt ids and sampling as the transformers path."""
-    from vllm import SamplingParams
-
-    tok = utils.load_tokenizer(name)
-    ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"] for c in conversations]
-    longest = max(len(p) for p in ids)
-    llm = generation.vllm_engine(name, max_model_len=longest + args.max_new_tokens, colocated=False,
-                                 dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                                 seed=args.seed, tensor_parallel_size=args.tensor_parallel_size,
-                                 needed=f"longest prompt {longest} + --max-new-tokens {args.max_new_tokens}",
-                                 trust_remote_code=args.trust_remote_code)
-    params = SamplingParams(n=args.samples_per_model, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_new_tokens, seed=args.seed)
-    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=progress)
-    texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
-    del llm  # free the engine's memory before the next model loads
-    gc.collect()
-    return texts
-
-
-def generate_with_transformers(name, conversations, args):
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = utils.load_tokenizer(name)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        trust_remote_code=args.trust_remote_code).to(device).eval()
-    torch.manual_seed(args.seed)
-    texts, n = [], args.samples_per_model
-    for i in progress(range(0, len(conversations), args.gen_batch_size), desc=f"generate {short_model_name(name)}"):
-        chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations[i: i + args.gen_batch_size]]
-        enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, num_return_sequences=n,
-                                 pad_token_id=tok.pad_token_id)
-        decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        texts += [decoded[j: j + n] for j in range(0, len(decoded), n)]
-    return texts
-
-
 def gold_scorer(args):
-    """A function [(prompt, response)] -> [float]: the gold RM's reward, batched, in its own input format."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = generation.load_gold_model(args.gold_model, args.trust_remote_code,
-                                            torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = model.to(device).eval()
-
-    def model_fn(input_ids, attention_mask):
-        r = generation.gold_rewards(model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
-        return r, r[:, None]
-
-    def score(items):
-        seqs = [utils.encode_prompt_response(tok, p, y, args.gold_max_length, truncate=True) for p, y in items]
-        rewards, _ = utils.score_sequences(model_fn, seqs, model.config.pad_token_id, device, args.gold_batch_size,
-                                           desc=f"gold r* ({short_model_name(args.gold_model)})")
-        return [round(float(x), 6) for x in rewards]
-
-    return score
+    """A function [(prompt, response)] -> [float]: --gold-model's reward (generation.gold_scorer)."""
+    return generation.gold_scorer(args.gold_model, args.trust_remote_code, args.gold_batch_size, args.gold_max_length,
+                                  desc=f"gold r* ({short_model_name(args.gold_model)})")
 
 
 def label_with_gold(args, prompts, cand_dicts, skipped):

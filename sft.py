@@ -111,7 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="hub id or local path of the base causal LM (e.g. DATA/base)")
     p.add_argument("--train-file", required=True,
                    help="JSONL with a 'messages' list of {role, content} per row (DATA/sft.jsonl), or a hub "
-                        "dataset id with a 'messages' column (HuggingFaceH4/ultrachat_200k, allenai/tulu-3-sft-mixture)")
+                        "dataset id with a 'messages' column (HuggingFaceH4/ultrachat_200k, "
+                        "allenai/tulu-3-sft-mixture)")
     p.add_argument("--train-split", default="train", help="split of a hub dataset (ultrachat_200k: train_sft)")
     p.add_argument("--eval-file", default=None, help="conversations in the same format; eval/loss each epoch")
     p.add_argument("--eval-split", default="train", help="split, when --eval-file is a hub dataset")

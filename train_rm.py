@@ -13,14 +13,11 @@ Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (
     # continue after a crash or kill
     python train_rm.py ...same flags... --resume
 
---resume refuses any flag that differs from the run's (and a --train-file / --eval-file whose content changed)
-except these, which change no trained weight: --save-steps, --eval-batch-size, --norm-stats-pairs,
---max-tokens-per-forward, --gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed config must
-be the same). --out must be a new folder or one train_rm.py wrote (never the --model or data folder).
-
---out receives: the final HF checkpoint (AutoModelForSequenceClassification.from_pretrained(out) loads it),
-train_config.json, metrics.jsonl (per step and per epoch), epoch-N/ (a checkpoint per epoch) and resume/
-(DeepSpeed state for --resume).
+--resume refuses a changed flag or --train-file / --eval-file content, except what changes no trained weight:
+--save-steps, --eval-batch-size, --norm-stats-pairs, --max-tokens-per-forward, --gradient-checkpointing, --zero-stage /
+--ds-config (the filled DeepSpeed config must be the same). --out, a new folder or one train_rm.py wrote, receives the
+final HF checkpoint (AutoModelForSequenceClassification.from_pretrained(out)), train_config.json, metrics.jsonl (per
+step and per epoch), epoch-N/ (a checkpoint per epoch) and resume/ (DeepSpeed state for --resume).
 """
 
 import argparse
@@ -35,9 +32,8 @@ from transformers import AutoConfig
 import checkpoint
 import utils
 
-# deepspeed and scipy are imported inside the functions that use them: importing deepspeed takes seconds and logs
-# (utils.quiet_libraries() must run first), scipy.stats takes about a second, and `from train_rm import
-# preference_loss` (tests, your own code) needs neither. torch, dist and F come with the block below.
+# deepspeed and scipy are imported where used: both take seconds, deepspeed logs on import (after quiet_libraries), and
+# `from train_rm import preference_loss` needs neither. torch, dist and F come with the block below.
 
 # ==== BSR: paste from here ==========================================================================================
 # The method, self-contained (torch only). Hong et al., "On the Robustness of Reward Models for Language Model
@@ -244,12 +240,9 @@ def load_data(args, tokenizer):
 
 
 def epoch_batches(n_pairs, global_batch, epoch, seed, pair_lengths):
-    """The epoch's global batches: a seeded shuffle (paper: random batches), each batch sorted by length.
-
-    pair_lengths[i] is the longer of pair i's two sequences. Sorting inside a batch only changes which device/micro-step
-    gets which pairs (less padding); the set of pairs in B, and so the loss, is unchanged. Pairs beyond the last full
-    batch wait for the next epoch.
-    """
+    """The epoch's global batches: a seeded shuffle (paper: random batches), each batch sorted by pair_lengths (the
+    longer sequence of each pair), which only changes which device/micro-step gets which pairs (less padding), not the
+    set B or the loss. Pairs beyond the last full batch wait for the next epoch."""
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
     perm = torch.randperm(n_pairs, generator=gen).tolist()
     batches = [perm[i: i + global_batch] for i in range(0, n_pairs - global_batch + 1, global_batch)]
@@ -270,12 +263,9 @@ def pair_sequences(pairs, idx):
 
 
 def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
-    """Split sequence positions (longest first) into forwards of at most max_tokens tokens each.
-
-    Greedy over the length-sorted sequences; a sequence is never split. Cost is padded width x count, or real
-    tokens when padding_free. n_chunks forces the count (ranks must agree): the costliest chunk is halved until
-    there are that many. Returns lists of positions into `lengths`.
-    """
+    """Split sequence positions (longest first, greedily, never inside a sequence) into forwards of at most max_tokens
+    tokens: padded width x count, or real tokens when padding_free. n_chunks forces the count (ranks must agree): the
+    costliest chunk is halved until there are that many. Returns lists of positions into `lengths`."""
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     cost = (lambda c: sum(lengths[j] for j in c)) if padding_free else (lambda c: lengths[c[0]] * len(c))
     chunks = [[]]
@@ -291,23 +281,17 @@ def forward_chunks(lengths, max_tokens, padding_free, n_chunks=None):
 
 
 def default_tokens_per_forward(device_type, micro_batch_size, max_length):
-    """--max-tokens-per-forward when not given. Splitting never changes a number of the training (the rewards are
-    joined before the loss), so it is on by default; 0 turns it off.
-
-    CPU: 2048, the fastest budget measured (bench/RESULTS.md: 1.47x the pairs/s of one forward per micro-batch;
-    1024 and 4096 were slower). GPU: half of a full micro-batch (2 x micro x max-length tokens, which the user sized
-    to fit memory): only a micro-batch whose longest sequences pass half of --max-length is split, so forwards stay
-    large enough to keep the GPU busy while the short half stops padding to the long one's width.
+    """--max-tokens-per-forward when not given (splitting changes no number of the training: rewards are joined before
+    the loss). CPU: 2048, the fastest measured (bench/RESULTS.md: 1.47x one forward per micro-batch; 1024, 4096 slower).
+    GPU: half a full micro-batch (which the user sized to fit memory): only a micro-batch whose longest sequences pass
+    half of --max-length is split, so forwards stay large while the short half stops padding to the long one's width.
     """
     return 2048 if device_type == "cpu" else micro_batch_size * max_length
 
 
 def pack_batch(seqs, device=None):
-    """Padding-free: token id lists -> one row (input_ids [1, N], position_ids [1, N]), positions restart at 0.
-
-    transformers turns restarting position_ids into per-sequence attention (varlen kernels with
-    flash_attention_2, a block-diagonal mask with sdpa/eager), so no token attends across sequences.
-    """
+    """Padding-free: token id lists -> one row (input_ids [1, N], position_ids [1, N]), positions restart at 0, which
+    transformers turns into per-sequence attention (varlen flash_attention_2, a block-diagonal mask with sdpa/eager)."""
     input_ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
     position_ids = torch.tensor([[p for s in seqs for p in range(len(s))]], dtype=torch.long)
     if device is not None:

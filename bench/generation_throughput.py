@@ -2,8 +2,8 @@
 
 Same policy, same prompts, RLOO's sampling settings (k samples per prompt, temperature 0.7, top-p 1.0, no top-k,
 stop at eos or the chat template's end-of-turn token, --max-new-tokens), through rloo.py's own functions:
-rloo.generate_hf (one batched generate() over the rank's share, KV cache, left padding) and rloo.generate_vllm on
-generation.vllm_engine (the engine rloo.py builds; here in this process, fp32 on CPU). tokens/s counts generated
+generation.generate_hf (one batched generate() over the rank's share, KV cache, left padding) and
+generation.generate_vllm on generation.vllm_engine (the engine rloo.py builds; here in this process, fp32 on CPU). tokens/s counts generated
 response tokens (up to and including the stop token) per second of wall time; one warm-up call each is excluded,
 then --repeats timed calls alternate between the engines (median, min and max reported).
 
@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import generation  # noqa: E402
-import rloo  # noqa: E402
 import utils  # noqa: E402
 
 WORDS = "the cat dog sat on a mat ran fast red blue one two three answer is yes no sort list count add sum".split()
@@ -156,7 +155,7 @@ def main():
 
                 def run_hf(seed, model=model, cfg=cfg):
                     torch.manual_seed(seed)
-                    return rloo.generate_hf(model, group, cfg, tok.pad_token_id, stop_ids, "cpu", len(group))
+                    return generation.generate_hf(model, group, cfg, tok.pad_token_id, stop_ids, "cpu", len(group))
                 runners["hf"] = run_hf
             else:
                 llm = generation.vllm_engine(path, max_model_len=max(map(len, ids)) + args.max_new_tokens,
@@ -164,7 +163,7 @@ def main():
                                              generation_config="vllm")
 
                 def run_vllm(seed, llm=llm):
-                    return rloo.generate_vllm(llm, group, args, stop_ids, seed)
+                    return generation.generate_vllm(llm, group, args, stop_ids, seed)
                 runners["vllm"] = run_vllm
         for run in runners.values():
             run(args.seed + 1)  # warm-up

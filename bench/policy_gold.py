@@ -3,7 +3,7 @@
 rloo.py scores its policy on --gold-prompts (16 in the smol preset, one sample each): enough to see a trend, too few
 for a verdict. This script samples K responses for each of P fresh in-distribution toy prompts (toy_world.make_prompts
 with a seed the data did not use; any prompt that is in the data folder is dropped) from each policy, with the RLOO
-run's own sampling (rloo.generate_vllm with the temperature, top-p, --max-new-tokens and stop tokens of its
+run's own sampling (generation.generate_vllm with the temperature, top-p, --max-new-tokens and stop tokens of its
 rloo_config.json), on vLLM (CPU or GPU), and scores them with toy_world.gold_reward. It reports, per policy, gold r*
 (mean ± s.e. over prompts), the paired difference to each other policy (mean ± s.e. over prompts), the win rate
 against the SFT policy (sample j of a prompt against the SFT policy's sample j; ties count one half) and the length.
@@ -21,8 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import generation  # noqa: E402
-import rloo  # noqa: E402  (its generate_vllm: the RLOO run's own sampling, by construction)
+import generation  # noqa: E402  (generate_vllm: the RLOO run's own sampling, by construction)
 import utils  # noqa: E402
 from toy_world import gold_reward, make_prompts  # noqa: E402
 
@@ -53,8 +52,8 @@ def data_prompts(data_dir):
 
 
 def sample(policy_dir, prompts, cfg, samples, seed):
-    """[[(text, n_tokens, finished) x samples] per prompt] from one policy: rloo.generate_vllm itself, with the RLOO
-    run's sampling flags and stop ids (its rloo_config.json). n_tokens does not count the stop token."""
+    """[[(text, n_tokens, finished) x samples] per prompt] from one policy: generation.generate_vllm itself, with the
+    RLOO run's sampling flags and stop ids (its rloo_config.json). n_tokens does not count the stop token."""
     tokenizer = utils.load_tokenizer(policy_dir)
     stop_ids = set(cfg["stop_token_ids"])
     prompt_ids = [tokenizer(utils.render_chat(tokenizer, [{"role": "user", "content": p}], True),
@@ -62,7 +61,7 @@ def sample(policy_dir, prompts, cfg, samples, seed):
     run_args = argparse.Namespace(**cfg["args"])
     llm = generation.vllm_engine(policy_dir, max_model_len=max(map(len, prompt_ids)) + run_args.max_new_tokens,
                                  dtype=None, seed=seed, colocated=False, generation_config="vllm")
-    outs = rloo.generate_vllm(llm, [ids for ids in prompt_ids for _ in range(samples)], run_args, stop_ids, seed)
+    outs = generation.generate_vllm(llm, [ids for ids in prompt_ids for _ in range(samples)], run_args, stop_ids, seed)
     result = []
     for tokens, finished in outs:
         response = tokens[:-1] if finished else tokens  # generate_vllm keeps the stop token that ended it

@@ -12,7 +12,7 @@ import torch
 import eval_rm
 from conftest import write_pairs
 from report import (figure5, load_rloo, model_label, moving_average, reward_vs_kl_trend, rloo_report, run_settings,
-                    seed_groups, wp_norm_figure, write_report_md)
+                    seed_groups, wp_norm_figure, write_report_md, write_rloo_summary)
 
 
 # ------------------------------------------------------------------------------------------ Figure 5: trend
@@ -179,13 +179,11 @@ def test_labels_keep_their_slash_and_only_cache_file_names_replace_it(tmp_path):
 
 
 def test_rloo_summary_names_the_reward_model_by_method(tmp_path):
-    import rloo
-
     args = types.SimpleNamespace(policy="runs/toy/sft", reward_model="runs/toy/rm/bsr/seed1", gold="synthetic",
                                  gold_model=None, gold_prompts="p.jsonl", out=str(tmp_path), beta=0.05, k=4)
     gold = {"gold/reward": 0.1, "gold/reward_sem": 0.01, "gold/response_length": 9.0, "gold/response_chars": 30.0,
             "gold/no_eos_fraction": 0.0, "gold/prompts": 8}
     rows = [{"step": 0, **gold}, {"step": 4, **gold}] + _rloo_rows(4)
-    rloo.write_summary(str(tmp_path), rows, args, 4)
+    write_rloo_summary(str(tmp_path), rows, args, 4)
     md = (tmp_path / "summary.md").read_text()
     assert "+ RLOO (RM `bsr/seed1`, step 4)" in md

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_lm, random_text, read_metrics, run_script
 
+import generation
 import rloo
 import train_rm
 import utils
@@ -35,9 +36,9 @@ def test_rloo_advantages_by_hand():
 
 
 def test_cut_at_stop():
-    assert rloo.cut_at_stop([5, 6, 1, 7, 1], {1, 9}) == ([5, 6, 1], True)
-    assert rloo.cut_at_stop([5, 9], {1, 9}) == ([5, 9], True)
-    assert rloo.cut_at_stop([5, 6, 7], {1}) == ([5, 6, 7], False)
+    assert generation.cut_at_stop([5, 6, 1, 7, 1], {1, 9}) == ([5, 6, 1], True)
+    assert generation.cut_at_stop([5, 9], {1, 9}) == ([5, 9], True)
+    assert generation.cut_at_stop([5, 6, 7], {1}) == ([5, 6, 7], False)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,9 @@ def test_left_padded_generation_matches_one_at_a_time(tiny_llama):
     cfg = GenerationConfig(do_sample=False, max_new_tokens=10, eos_token_id=[tok.eos_token_id],
                            pad_token_id=tok.pad_token_id)
     stop = {tok.eos_token_id}
-    batched = rloo.generate_hf(model, prompts, cfg, tok.pad_token_id, stop, "cpu", batch_size=5)
-    single = [rloo.generate_hf(model, [p], cfg, tok.pad_token_id, stop, "cpu", batch_size=1)[0] for p in prompts]
+    batched = generation.generate_hf(model, prompts, cfg, tok.pad_token_id, stop, "cpu", batch_size=5)
+    single = [generation.generate_hf(model, [p], cfg, tok.pad_token_id, stop, "cpu", batch_size=1)[0]
+              for p in prompts]
     assert batched == single
     assert all(len(r) == 10 or fin for r, fin in batched)
 

