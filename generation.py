@@ -259,13 +259,24 @@ def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_si
 
 
 def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_remote_code=False, desc=None):
-    """[[n texts] per conversation] from model `name` with transformers generate(), batch_size chats per call."""
+    """[[n texts] per conversation] from model `name` with transformers generate(), batch_size chats per call.
+
+    The settings of chat_samples_vllm: our temperature / top-p only (none of the sampling defaults a model's
+    generation_config.json may carry, such as top_k or repetition_penalty), stopping at the tokenizer's eos and the
+    generation config's eos ids (end-of-turn tokens), as vLLM does."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = utils.load_tokenizer(name)
     tok.padding_side = "left"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         trust_remote_code=trust_remote_code).to(device).eval()
+    eos = model.generation_config.eos_token_id
+    eos = sorted({tok.eos_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    model.generation_config = GenerationConfig()  # generate() would fill unset settings from the model's
+    gen_config = GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                  top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=0,
+                                  max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     texts = []
     for i in utils.progress(range(0, len(conversations), batch_size), desc=desc):
@@ -273,9 +284,7 @@ def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_re
                  for c in conversations[i: i + batch_size]]
         enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            gen = model.generate(**enc, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                                 top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                                 num_return_sequences=n, pad_token_id=tok.pad_token_id)
+            gen = model.generate(**enc, generation_config=gen_config)
         decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         texts += [decoded[j: j + n] for j in range(0, len(decoded), n)]
     return texts

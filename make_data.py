@@ -405,6 +405,12 @@ def short_model_name(path):
     return os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
 
 
+def model_seed(seed, name):
+    """Each new model's sampling seed, from --seed and its name: one seed for all would feed every model the same
+    random draws, and models whose next-token distributions are alike would then write alike texts."""
+    return int(hashlib.sha256(f"{seed}-{short_model_name(name)}".encode()).hexdigest()[:8], 16)
+
+
 def generate_responses(args, prompts, skipped):
     """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
     models = [m.strip() for m in args.new_models.split(",") if m.strip()]
@@ -417,11 +423,12 @@ def generate_responses(args, prompts, skipped):
     conversations = [[{"role": "user", "content": prompts[pid]}] for pid in pids]
     out = {pid: [] for pid in pids}
     for name in models:
+        seed = model_seed(args.seed, name)
         if use_vllm:
-            texts = generation.chat_samples_vllm(name, conversations, args.samples_per_model, args, args.seed,
+            texts = generation.chat_samples_vllm(name, conversations, args.samples_per_model, args, seed,
                                                  args.tensor_parallel_size, args.trust_remote_code)
         else:
-            texts = generation.chat_samples_hf(name, conversations, args.samples_per_model, args, args.seed,
+            texts = generation.chat_samples_hf(name, conversations, args.samples_per_model, args, seed,
                                                args.gen_batch_size, args.trust_remote_code,
                                                desc=f"generate {short_model_name(name)}")
         if torch.cuda.is_available():

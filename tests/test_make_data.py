@@ -545,3 +545,49 @@ def test_reward_from_armorm_style_output():
     assert torch.equal(generation.gold_rewards(Out(logits=torch.tensor([[1.0], [2.0]])), 2), torch.tensor([1.0, 2.0]))
     with pytest.raises(SystemExit, match="3 logits"):
         generation.gold_rewards(Out(logits=torch.zeros(2, 3)), 2)
+
+
+def test_new_model_sampling_takes_our_settings_and_the_models_stop_tokens(tmp_path):
+    """make_data's transformers path samples with --temperature / --top-p only, as its vLLM path does (explicit
+    SamplingParams): a generation_config.json asking for top_k=1 (greedy in disguise) is not applied, while its
+    eos_token_id list still ends a response (vLLM stops there too)."""
+    import types
+
+    from transformers import GenerationConfig
+
+    path = str(tmp_path / "lm")
+    make_tiny_lm(path)
+    chat = [[{"role": "user", "content": "tell me about the cat"}]]
+    sampling = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=6)
+    GenerationConfig(do_sample=True, top_k=1, repetition_penalty=3.0).save_pretrained(path)
+    (texts,) = generation.chat_samples_hf(path, chat, 8, sampling, seed=0, batch_size=1)
+    assert len(texts) == 8 and len(set(texts)) > 1  # with top_k=1 applied, all 8 samples would be the same
+
+    tok = generation.utils.load_tokenizer(path)
+    GenerationConfig(eos_token_id=list(range(len(tok)))).save_pretrained(path)  # every token ends a response
+    (texts,) = generation.chat_samples_hf(path, chat, 8, sampling, seed=0, batch_size=1)
+    one_token = {tok.decode([i], skip_special_tokens=True) for i in range(len(tok))}
+    assert all(t in one_token for t in texts), texts  # each response stopped after its first token
+
+
+def test_each_new_model_samples_with_its_own_seed(monkeypatch):
+    """Every --new-models model gets its own seed, fixed by --seed and its name (one shared seed would feed all models
+    the same random draws: alike texts from alike models)."""
+    import argparse
+
+    seeds = []
+
+    def fake_samples(name, conversations, n, sampling, seed, *args, **kwargs):
+        seeds.append((name, seed))
+        return [[f"{name} answer {j}" for j in range(n)] for _ in conversations]
+
+    monkeypatch.setattr(generation, "chat_samples_hf", fake_samples)
+    args = argparse.Namespace(new_models="org/a,org/b", samples_per_model=2, generator="hf", seed=3,
+                              gen_batch_size=4, trust_remote_code=False, tensor_parallel_size=1)
+    for seed in (3, 3, 4):
+        args.seed = seed
+        out = md.generate_responses(args, {"p1": "hi"}, {})
+    assert [c["model"] for c in out["p1"]] == ["org/a", "org/a", "org/b", "org/b"]
+    (a3, b3), (a3_again, b3_again), (a4, b4) = (seeds[i: i + 2] for i in (0, 2, 4))
+    assert (a3, b3) == (a3_again, b3_again)  # the same flags give the same samples
+    assert a3[1] != b3[1] and a4[1] != b4[1] and a3[1] != a4[1]

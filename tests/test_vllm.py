@@ -139,6 +139,31 @@ def test_vllm_greedy_tokens_equal_transformers_greedy(tmp_path):
     assert any(fin for _, fin in want) and any(not fin and len(t) == n for t, fin in want)  # both endings seen
 
 
+CHAT_SAMPLES = """
+import json, sys, types
+sys.path.insert(0, {repo!r})
+import generation
+sampling = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=6)
+chat = [[{{"role": "user", "content": "tell me about the cat"}}]]
+print("RESULT", json.dumps(generation.chat_samples_vllm({model!r}, chat, 8, sampling, seed=0)))
+"""
+
+
+def test_vllm_new_model_sampling_ignores_the_models_sampling_defaults(tmp_path):
+    """make_data.py --generator vllm samples with --temperature / --top-p only, as its transformers path: a
+    generation_config.json asking for top_k=1 (greedy in disguise) is not applied."""
+    from transformers import GenerationConfig
+
+    model_dir = policy_lm(str(tmp_path / "lm"), seed=4)
+    GenerationConfig(do_sample=True, top_k=1, repetition_penalty=3.0, eos_token_id=1).save_pretrained(model_dir)
+    proc = subprocess.run([sys.executable, "-c", CHAT_SAMPLES.format(repo=REPO, model=model_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", **VLLM_ENV))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (texts,) = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(texts) == 8 and len(set(texts)) > 1  # with top_k=1 applied, all 8 samples would be the same
+
+
 TIED_SYNC = """
 import sys; sys.path.insert(0, {repo!r})
 import json, torch, generation
