@@ -272,9 +272,10 @@ def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_re
         trust_remote_code=trust_remote_code).to(device).eval()
     eos = model.generation_config.eos_token_id
     eos = sorted({tok.eos_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
-    model.generation_config = GenerationConfig()  # generate() would fill unset settings from the model's
-    gen_config = GenerationConfig(do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                                  top_p=sampling.top_p if sampling.temperature > 0 else None, top_k=0,
+    model.generation_config = GenerationConfig()  # else generate() fills unset settings from it (e.g. its top_k)
+    sample = sampling.temperature > 0  # top_k 0: none (transformers' default would be 50; vLLM's is none)
+    gen_config = GenerationConfig(do_sample=sample, temperature=sampling.temperature if sample else None,
+                                  top_p=sampling.top_p if sample else None, top_k=0 if sample else None,
                                   max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
                                   eos_token_id=eos, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
