@@ -249,8 +249,11 @@ def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_si
                       dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
                       needed=f"longest prompt {longest} + --max-new-tokens {sampling.max_new_tokens}")
-    params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                            max_tokens=sampling.max_new_tokens, seed=seed)
+    # a seed per request (vLLM seeds a request's j-th sample with seed + j, hence the stride n): one seed for all would
+    # give every prompt the same random draws
+    params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                             max_tokens=sampling.max_new_tokens, seed=(seed * 100_003 + i * n) % 2 ** 62)
+              for i in range(len(ids))]
     outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=utils.progress)
     texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
     del llm  # free the engine's memory before the next model loads

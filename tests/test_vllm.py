@@ -145,13 +145,14 @@ sys.path.insert(0, {repo!r})
 import generation
 sampling = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=6)
 chat = [[{{"role": "user", "content": "tell me about the cat"}}]]
-print("RESULT", json.dumps(generation.chat_samples_vllm({model!r}, chat, 8, sampling, seed=0)))
+print("RESULT", json.dumps(generation.chat_samples_vllm({model!r}, chat * 3, 8, sampling, seed=0)))
 """
 
 
 def test_vllm_new_model_sampling_ignores_the_models_sampling_defaults(tmp_path):
     """make_data.py --generator vllm samples with --temperature / --top-p only, as its transformers path: a
-    generation_config.json asking for top_k=1 (greedy in disguise) is not applied."""
+    generation_config.json asking for top_k=1 (greedy in disguise) is not applied. And each prompt draws its own
+    random numbers: three copies of one prompt get different samples (as with transformers, which draws in turn)."""
     from transformers import GenerationConfig
 
     model_dir = policy_lm(str(tmp_path / "lm"), seed=4)
@@ -160,8 +161,10 @@ def test_vllm_new_model_sampling_ignores_the_models_sampling_defaults(tmp_path):
                           capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1", **VLLM_ENV))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (texts,) = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(texts) == 8 and len(set(texts)) > 1  # with top_k=1 applied, all 8 samples would be the same
+    per_prompt = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(per_prompt) == 3 and all(len(texts) == 8 for texts in per_prompt)
+    assert len(set(per_prompt[0])) > 1  # with top_k=1 applied, all 8 samples would be the same
+    assert per_prompt[0] != per_prompt[1] and per_prompt[1] != per_prompt[2]  # one seed for all: the same draws
 
 
 TIED_SYNC = """
