@@ -535,7 +535,8 @@ def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_
                        zero_stage=None, world_size=1):
     """The DeepSpeed JSON config with each "auto" filled from the script's flags; returns (config, zero3).
 
-    A value the file sets must agree with the flags (they never silently disagree). ZeRO stage: --zero-stage, else the
+    A value the file sets must agree with the flags (they never silently disagree); a flag's key the file leaves out is
+    added (DeepSpeed's defaults would differ: 1 accumulation step, no clipping). ZeRO stage: --zero-stage, else the
     file's number, else ("auto") 3 with several processes and 0 with one, where there is nothing to partition and
     ZeRO-3's per-module hooks only cost time. Under zero3, load the model with an HfDeepSpeedConfig alive."""
     flags = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro_batch,
@@ -563,6 +564,14 @@ def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_
                 node[k] = values[key]
 
     fill(cfg, "")
+    for key, value in flags.items():  # a key the file leaves out gets the flag's value, not DeepSpeed's default
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{path}: '{name}' must be an object (it holds '{key}')")
+        node.setdefault(leaf, value)
     return cfg, cfg.get("zero_optimization", {}).get("stage") == 3
 
 

@@ -311,6 +311,14 @@ def test_training_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
     assert utils.training_ds_config(str(fixed), world_size=1, **kw)[1]  # the file's own number wins over auto
     with pytest.raises(ValueError, match="'zero_optimization.stage' is 3 but the flags give 2"):
         utils.training_ds_config(str(fixed), zero_stage=2, **kw)
+    # a file that leaves a flag's key out gets the flag's value (DeepSpeed's default would be 1 accumulation step)
+    cfg, _ = utils.training_ds_config(str(fixed), world_size=1, **kw)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"],
+            cfg["gradient_clipping"], cfg["bf16"], cfg["zero_optimization"]) == (128, 4, 4, 1.0, {"enabled": False},
+                                                                                 {"stage": 3})
+    fixed.write_text(json.dumps({"bf16": {"enabled": "auto"}}))
+    cfg, zero3 = utils.training_ds_config(str(fixed), world_size=2, zero_stage=3, **kw)
+    assert zero3 and cfg["zero_optimization"] == {"stage": 3} and cfg["gradient_accumulation_steps"] == 4
 
 
 def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
