@@ -227,6 +227,10 @@ def save_train_state(engine, resume_dir, step):
     torch.distributed.barrier()
     if utils.is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
+        # a step-N already there is left by a crash after this rename, before 'latest' moved: 'latest' names an earlier
+        # state (a resumed run starts after the step it names), so this step was redone and its old copy goes
+        if os.path.isdir(os.path.join(resume_dir, name)):
+            shutil.rmtree(os.path.join(resume_dir, name))
         os.replace(tmp, os.path.join(resume_dir, name))
         with atomic_path(os.path.join(resume_dir, "latest")) as t:
             with open(t, "w") as f:

@@ -217,8 +217,9 @@ RM_FLAGS = ["--micro-batch-size", "8", "--lr", "1e-3", "--global-batch-size", "8
 
 
 def test_killed_run_resume_checks_data_drops_torn_line_cleans_leftovers_keeps_config(tmp_path, tiny_llama):
-    """Items 4 (edited data, train_config.json kept), 7 (torn metrics line), 11 (leftovers of a crashed save),
-    13 (the RNG state is safetensors), on one killed train_rm.py run."""
+    """Items 4 (edited data, train_config.json kept), 7 (torn metrics line), 11 (leftovers of a crashed save, and a
+    complete step folder that a crash kept 'latest' from naming), 13 (the RNG state is safetensors), on one killed
+    train_rm.py run."""
     data = write_pairs(str(tmp_path / "train.jsonl"), 40)
     out = tmp_path / "run"
     argv = ["train_rm.py", "--model", tiny_llama, "--train-file", data, "--out", str(out)] + RM_FLAGS
@@ -240,6 +241,8 @@ def test_killed_run_resume_checks_data_drops_torn_line_cleans_leftovers_keeps_co
     (out / f"epoch-1.tmp-{pid}").mkdir()
     (out / f"epoch-1.tmp-{pid}" / "model.safetensors").write_bytes(b"0" * 1000)
     (out / "resume" / ".tmp-step-00000004").mkdir()
+    # a crash after a save's rename, before 'latest' moved: a complete step-4 that 'latest' (step 2) does not name
+    shutil.copytree(out / "resume" / "step-00000002", out / "resume" / "step-00000004")
     (out / "notes.tmp").write_text("not a leftover of ours")
     proc = run_script(argv + ["--resume"])
     assert "dropped a torn last line" in proc.stdout and f"removed {out}/epoch-1.tmp-{pid}" in proc.stdout
