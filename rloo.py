@@ -342,10 +342,7 @@ def generate_batch(run, prompt_ids, seed):
 
 def load_causal_lm(path, dtype, attn_implementation):
     """A causal LM with dropout off (the log-probs of the loss and the KL must be deterministic), no KV cache."""
-    config = AutoConfig.from_pretrained(path)
-    for key, value in list(config.to_dict().items()):
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
+    config = utils.dropout_off(AutoConfig.from_pretrained(path))
     config.use_cache = False
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kw)

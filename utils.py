@@ -460,13 +460,19 @@ class RewardModel(nn.Module):
         return rewards, hidden
 
 
+def dropout_off(config):
+    """The model config with every dropout rate 0: RM training and scoring, and RLOO's log-probs, are deterministic.
+    Rates are named *dropout* (most models) or *_pdrop (GPT-2 style: resid_pdrop, embd_pdrop, attn_pdrop)."""
+    for key, value in list(config.to_dict().items()):
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
 def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_implementation=None):
     """AutoModelForSequenceClassification(num_labels=1), dropout off, pad_token_id set: from a causal LM (new head) or
     a trained reward model. Under an active HfDeepSpeedConfig (ZeRO-3) the parameters are partitioned while loading."""
-    config = transformers.AutoConfig.from_pretrained(name_or_path, num_labels=1)
-    for key, value in list(config.to_dict().items()):  # RM training and scoring are deterministic
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
+    config = dropout_off(transformers.AutoConfig.from_pretrained(name_or_path, num_labels=1))
     vocab = config.get_text_config().vocab_size
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
         raise ValueError(f"{name_or_path}: the tokenizer's pad token {tokenizer.pad_token!r} (id "

@@ -9,7 +9,7 @@ import torch
 
 import checkpoint
 import utils
-from conftest import make_tiny_lm
+from conftest import make_tiny_lm, make_tokenizer
 from train_rm import PackedRewardModel, init_reward_head, load_pairs, pack_batch
 
 
@@ -371,3 +371,22 @@ print(rank, world, len(calls), os.environ["MASTER_PORT"] != str(busy))
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["0", "1", "2", "True"]  # a second port was picked, and the start worked
+
+
+def test_dropout_is_off_in_the_reward_model_and_the_policy_whatever_the_config_calls_it(tmp_path):
+    """GPT-2 style configs name their dropout *_pdrop (resid, embd, attn): off too, so two forwards in train mode
+    give the same rewards / log-probs (the BSR pre-pass and the RLOO KL rely on it)."""
+    import rloo
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = str(tmp_path / "gpt2")
+    tok = make_tokenizer(path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5, summary_first_dropout=0.5,
+                               pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    ids = torch.tensor([[5, 9, 14, 20, 7, 3]])
+    mask = torch.ones_like(ids)
+    rm = utils.RewardModel(utils.load_reward_model(path, utils.load_tokenizer(path))).train()
+    assert torch.equal(rm(ids, mask)[0], rm(ids, mask)[0])
+    lm = rloo.load_causal_lm(path, torch.float32, None).train()
+    assert torch.equal(lm(input_ids=ids).logits, lm(input_ids=ids).logits)
