@@ -426,10 +426,19 @@ def pad_batch(seqs, pad_id, device=None):
 
 
 def reward_head(model):
-    """The Linear(H, 1) projection Wp of an AutoModelForSequenceClassification."""
+    """The Linear(H, 1) projection Wp of an AutoModelForSequenceClassification, which must read h directly: a model
+    with layers of its own between the encoder and that Linear (DistilBERT's pre_classifier, DeBERTa's pooler,
+    ModernBERT's head) is refused, since r = Wp^T h would then be another function than the checkpoint computes."""
     for name in ("score", "classifier"):  # decoders (Llama, Qwen2, Mistral, Gemma, ...) / BERT-style
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear) and head.out_features == 1:
+            extra = [n for n, child in model.named_children() if n not in (model.base_model_prefix, name)
+                     and any(True for _ in child.parameters())]  # dropout layers hold no parameters
+            if extra:
+                raise ValueError(f"{type(model).__name__}: layers {', '.join(map(repr, extra))} between the encoder "
+                                 f"and its Linear(H, 1) '{name}'; the reward r = Wp^T h needs the head to read the "
+                                 "encoder's output (supported: decoder LMs with a 'score' head, BERT-style encoders "
+                                 "with a pooler)")
             return head
     raise ValueError(f"{type(model).__name__}: no Linear(H, 1) reward head named 'score' or 'classifier' "
                      "(supported: decoder LMs with a 'score' head, BERT-style encoders with a pooler)")

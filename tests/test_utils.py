@@ -390,3 +390,26 @@ def test_dropout_is_off_in_the_reward_model_and_the_policy_whatever_the_config_c
     assert torch.equal(rm(ids, mask)[0], rm(ids, mask)[0])
     lm = rloo.load_causal_lm(path, torch.float32, None).train()
     assert torch.equal(lm(input_ids=ids).logits, lm(input_ids=ids).logits)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # DeBERTa's own code
+@pytest.mark.parametrize("arch", ["distilbert", "deberta-v2"])
+def test_a_head_with_layers_before_its_linear_is_refused(tmp_path, arch):
+    """DistilBERT (pre_classifier) and DeBERTa (pooler) put layers between the encoder and the Linear(H, 1): reading
+    r = Wp^T h there would train and score another function than the saved checkpoint computes, so it is refused."""
+    from transformers import (DebertaV2Config, DebertaV2ForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification)
+
+    path = str(tmp_path / arch)
+    tok = make_tokenizer(path)
+    if arch == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=len(tok), dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=1))
+    else:
+        model = DebertaV2ForSequenceClassification(DebertaV2Config(
+            vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            num_labels=1))
+    model.save_pretrained(path)
+    extra = "pre_classifier" if arch == "distilbert" else "pooler"
+    with pytest.raises(ValueError, match=f"'{extra}' between the encoder and its Linear"):
+        utils.load_reward_model(path, utils.load_tokenizer(path))
