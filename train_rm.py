@@ -100,7 +100,7 @@ def global_batch_losses(reward_fn, micro_batches, loss_type="bsr", lam=1e-3, mar
     loss * weight / len(micro_batches) (DeepSpeed's engine.backward divides by the accumulation steps itself: give it
     loss * weight) and average gradients over ranks (DDP, DeepSpeed): the summed gradient is d(eq. 24 on B)/d(params).
     The rewards (detached, all ranks) are those the loss saw: all of B after a pre-pass, else this micro-step's.
-    scope="micro": the official code's per-device loss instead (each rank centres its own micro-batch, lam x its
+    scope="micro": the official code's per-device loss instead (each rank centres its own micro-batch, BSR's lam x its
     size; not eq. 25). loss and bt_loss are then this rank's.
     """
     if scope not in ("global", "micro"):
@@ -113,7 +113,7 @@ def global_batch_losses(reward_fn, micro_batches, loss_type="bsr", lam=1e-3, mar
     for g, mb in enumerate(micro_batches):
         rc, rr = reward_fn(mb)
         if scope == "micro":
-            loss, bt = preference_loss(rc, rr, loss_type, lam * len(rc), margin)
+            loss, bt = preference_loss(rc, rr, loss_type, lam * len(rc) if loss_type == "bsr" else lam, margin)
             yield loss, 1.0, bt, all_gather_cat(rc.detach()), all_gather_cat(rr.detach())
             continue
         rc, rr = all_gather_cat(rc), all_gather_cat(rr)

@@ -103,3 +103,18 @@ def test_bsr_over_concatenated_batch_differs_from_mean_of_halves():
     full, _ = preference_loss(rc, rr, "bsr", lam=1.0)
     halves = [preference_loss(rc[i:i + 2], rr[i:i + 2], "bsr", lam=1.0)[0] for i in (0, 2)]
     assert abs(full.item() - (halves[0] + halves[1]).item() / 2) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["bsr", "center", "bt"])
+def test_micro_scope_scales_lambda_by_the_micro_batch_for_bsr_only(kind):
+    """--bsr-scope micro (one process): BSR is the official code's per-device form, lam x |micro-batch| x mean^2;
+    center (TRL's per-pair term) and the pairwise losses are the same as over the global batch."""
+    from train_rm import global_batch_losses
+
+    rewards = {0: (torch.tensor([1.0, 0.5, 2.0]), torch.tensor([0.2, 0.7, -1.0]))}
+    (loss, weight, bt, _, _), = global_batch_losses(lambda mb: rewards[mb], [0], kind, lam=0.1, scope="micro")
+    rc, rr = rewards[0]
+    want = preference_loss(rc, rr, kind, lam=0.3 if kind == "bsr" else 0.1)[0]
+    assert weight == 1.0 and torch.allclose(loss, want)
+    if kind == "bsr":
+        assert torch.allclose(loss, bt + 0.1 * 3 * torch.cat([rc, rr]).mean() ** 2)
