@@ -37,7 +37,8 @@ The algorithm (one optimizer step per batch of B = --global-batch-size completio
      the reward arrives once, and the leave-one-out baseline is a per-sequence baseline, so a per-token
      KL reward would need per-token returns/values that RLOO does not have; summed over the sequence it
      is exactly the KL term of eq. 15 for that sample. This is also TRL's RLOOTrainer default, which
-     the paper used. Log-probs (and so the KL) are those of the sampling distribution softmax(logits/T).
+     the paper used. Log-probs (and so the KL) are those of the sampling distribution softmax(logits/T)
+     (with --top-p below 1 the tokens come from the nucleus, while the log-probs stay those of the full softmax).
   4. advantage A_i = R_i - mean_{j != i} R_j (the other k-1 samples of the same prompt)
   5. loss = -mean_i A_i * sum_t log pi(y_i,t | .)  (REINFORCE with the leave-one-out baseline; one
      gradient step per batch, so the PPO ratio of TRL's implementation is 1 and clipping never acts).
@@ -167,7 +168,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=utils.positive_int, default=1024, help="response length limit (tokens)")
     p.add_argument("--temperature", type=utils.positive_float, default=0.7, help="sampling temperature (TRL's default)")
     p.add_argument("--top-p", type=utils.number_type(float, 0, 1, low_open=True), default=1.0,
-                   help="nucleus sampling threshold (1.0 = off)")
+                   help="nucleus sampling threshold (1.0 = off; below 1 the log-probs of the loss and the KL are still "
+                        "those of the full softmax(logits / T), not of the truncated distribution)")
     p.add_argument("--missing-eos-penalty", type=utils.finite_float, default=1.0,
                    help="subtracted from the RM score of a response cut at --max-new-tokens without a stop token")
     p.add_argument("--rm-batch-size", type=utils.positive_int, default=16,
