@@ -338,6 +338,21 @@ def init_reward_head(model, seed):
         head.bias.requires_grad_(False)
 
 
+def check_packed_attention(engine, pairs, pad_id, device, bf16):
+    """--padding-free: a packed sequence must attend only to itself, which transformers derives from the restarting
+    position_ids and not every architecture honours (Falcon and OPT do not). Refused when the first pair's two
+    sequences score differently packed together than padded. Every rank runs the same two forwards (ZeRO-3)."""
+    with torch.no_grad():
+        input_ids, position_ids = pack_batch(list(pairs[0]), device)
+        packed = engine(input_ids, None, position_ids)[0].float()
+        padded = engine(*utils.pad_batch(list(pairs[0]), pad_id, device))[0].float()
+    gap = (packed - padded).abs().max().item()
+    if gap > (2e-2 if bf16 else 1e-3) * max(1.0, padded.abs().max().item()):
+        raise SystemExit(f"--padding-free: packed and padded rewards differ by {gap:.3g}: this architecture's "
+                         "attention crosses packed sequences (it ignores the restarting position_ids); drop "
+                         "--padding-free")
+
+
 def load_model(args, tokenizer, bf16, ds_config, total_steps, device):
     """The HF sequence-classifier (head initialised as the paper does unless --head-init keep) and its DeepSpeed engine:
     AdamW, linear warmup then linear decay to 0. Returns (hf_model, engine, scheduler). Under ZeRO-3 call it with the
@@ -565,6 +580,8 @@ def main(argv=None):
                                                RESUME_MAY_CHANGE, data_fingerprints)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
     hf_model, engine, scheduler = load_model(args, tokenizer, bf16, ds_config, total_steps, device)
+    if args.padding_free:
+        check_packed_attention(engine, pairs, pad_id, device, bf16)
 
     # ---------------------------------------------------------------- resume / fresh start
     metrics_path = os.path.join(args.out, "metrics.jsonl")

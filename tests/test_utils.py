@@ -76,6 +76,35 @@ def test_packed_padding_free_rewards_equal_padded_rewards(models):
     torch.testing.assert_close(h_packed, h_padded, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "falcon", "opt"])
+def test_padding_free_is_refused_where_attention_crosses_packed_sequences(models, arch, tmp_path):
+    """Falcon and OPT ignore the restarting position_ids that keep packed sequences apart: --padding-free would train
+    the rejected response attending to the chosen one, so the start-up check refuses it; Qwen2 (like Llama) passes."""
+    from transformers import FalconConfig, FalconForCausalLM, OPTConfig, OPTForCausalLM
+
+    from train_rm import check_packed_attention
+
+    path = models["qwen2"]
+    if arch != "qwen2":
+        path = str(tmp_path / arch)
+        vocab = len(make_tokenizer(path))
+        torch.manual_seed(0)
+        lm = (FalconForCausalLM(FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, new_decoder_architecture=False))
+              if arch == "falcon" else
+              OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64)))
+        lm.save_pretrained(path)
+    tok = utils.load_tokenizer(path)
+    rm = PackedRewardModel(utils.load_reward_model(path, tok))
+    pairs = [tuple(utils.encode_prompt_response(tok, "sort the list one two", r) for r in RESPONSES[:2])]
+    if arch == "qwen2":
+        check_packed_attention(rm, pairs, tok.pad_token_id, torch.device("cpu"), bf16=False)
+    else:
+        with pytest.raises(SystemExit, match="--padding-free: packed and padded rewards differ"):
+            check_packed_attention(rm, pairs, tok.pad_token_id, torch.device("cpu"), bf16=False)
+
+
 def test_pad_equal_eos_reads_the_last_content_token(models):
     """Llama-3 style pad == eos: the trailing eos is dropped, so our index == HF's rightmost-non-pad index."""
     tok = utils.load_tokenizer(models["llama_pad_eq_eos"])
