@@ -484,7 +484,7 @@ def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_impleme
     config = dropout_off(transformers.AutoConfig.from_pretrained(name_or_path, num_labels=1))
     vocab = config.get_text_config().vocab_size
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id >= vocab:
-        raise ValueError(f"{name_or_path}: the tokenizer's pad token {tokenizer.pad_token!r} (id "
+        raise SystemExit(f"{name_or_path}: the tokenizer's pad token {tokenizer.pad_token!r} (id "
                          f"{tokenizer.pad_token_id}) is not in the model's vocabulary of {vocab}; give the "
                          "tokenizer a pad token the model knows (e.g. its eos token)")
     config.pad_token_id = tokenizer.pad_token_id
@@ -497,7 +497,10 @@ def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_impleme
                                                                                 dtype=dtype, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    reward_head(model)  # fail early on an unsupported architecture
+    try:
+        reward_head(model)  # fail early, in one line, on an unsupported architecture
+    except ValueError as e:
+        raise SystemExit(f"{name_or_path}: {e}") from None
     return model
 
 
@@ -571,10 +574,10 @@ def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_
             if isinstance(v, dict):
                 fill(v, key + ".")
             elif key in flags and v != "auto" and v != flags[key]:
-                raise ValueError(f"{path}: '{key}' is {v!r} but the flags give {flags[key]!r}; "
+                raise SystemExit(f"{path}: '{key}' is {v!r} but the flags give {flags[key]!r}; "
                                  "set it to \"auto\" or change the flag")
             elif v == "auto" and key not in values:
-                raise ValueError(f"{path}: no value for \"auto\" key '{key}'")
+                raise SystemExit(f"{path}: no value for \"auto\" key '{key}'")
             elif v == "auto":
                 node[k] = values[key]
 
@@ -585,7 +588,7 @@ def training_ds_config(path, *, global_batch, micro_batch, grad_accum, max_grad_
         for name in parents:
             node = node.setdefault(name, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{path}: '{name}' must be an object (it holds '{key}')")
+                raise SystemExit(f"{path}: '{name}' must be an object (it holds '{key}')")
         node.setdefault(leaf, value)
     return cfg, cfg.get("zero_optimization", {}).get("stage") == 3
 

@@ -174,7 +174,7 @@ def test_dropout_is_disabled_so_train_mode_is_deterministic(tmp_path):
 def test_causal_lm_folder_without_pad_in_vocab_is_a_clear_error(models, tmp_path):
     tok = utils.load_tokenizer(models["llama"])
     tok.add_special_tokens({"pad_token": "<newpad>"})  # id == vocab size: the model has no such row
-    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+    with pytest.raises(SystemExit, match="not in the model's vocabulary"):
         utils.load_reward_model(models["llama"], tok)
 
 
@@ -334,11 +334,11 @@ def test_training_ds_config_fills_auto_and_rejects_disagreement(tmp_path):
     assert zero3
     fixed = tmp_path / "ds.json"
     fixed.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
-    with pytest.raises(ValueError, match="'train_batch_size' is 64 but the flags give 128"):
+    with pytest.raises(SystemExit, match="'train_batch_size' is 64 but the flags give 128"):
         utils.training_ds_config(str(fixed), **kw)
     fixed.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert utils.training_ds_config(str(fixed), world_size=1, **kw)[1]  # the file's own number wins over auto
-    with pytest.raises(ValueError, match="'zero_optimization.stage' is 3 but the flags give 2"):
+    with pytest.raises(SystemExit, match="'zero_optimization.stage' is 3 but the flags give 2"):
         utils.training_ds_config(str(fixed), zero_stage=2, **kw)
     # a file that leaves a flag's key out gets the flag's value (DeepSpeed's default would be 1 accumulation step)
     cfg, _ = utils.training_ds_config(str(fixed), world_size=1, **kw)
@@ -440,5 +440,5 @@ def test_a_head_with_layers_before_its_linear_is_refused(tmp_path, arch):
             num_labels=1))
     model.save_pretrained(path)
     extra = "pre_classifier" if arch == "distilbert" else "pooler"
-    with pytest.raises(ValueError, match=f"'{extra}' between the encoder and its Linear"):
+    with pytest.raises(SystemExit, match=f"'{extra}' between the encoder and its Linear"):
         utils.load_reward_model(path, utils.load_tokenizer(path))
