@@ -141,13 +141,42 @@ def gold_scorer(name, trust_remote_code, batch_size, max_length, desc=None):
 # ---------------------------------------------------------------------------------------------------
 
 
+def id_list(ids):
+    """A generation config's eos_token_id (None, one id or a list) as a list."""
+    return [] if ids is None else list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+def hf_sampling_config(sampling, eos_ids, pad_id, n=1):
+    """generate()'s settings for our sampling, as vllm_sampling_params gives vLLM: temperature and top-p only (no top-k:
+    transformers' default would be 50; no repetition penalty; temperature 0 = greedy), n samples per prompt, stopping
+    at eos_ids. sampling: any object with temperature, top_p and max_new_tokens (a stage's args)."""
+    sample = sampling.temperature > 0
+    return GenerationConfig(do_sample=sample, temperature=sampling.temperature if sample else None,
+                            top_p=sampling.top_p if sample else None, top_k=0 if sample else None,
+                            repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+                            use_cache=True, eos_token_id=list(eos_ids), pad_token_id=pad_id)
+
+
+def vllm_sampling_params(sampling, seed, n_requests, n=1, stop_ids=None):
+    """vLLM's SamplingParams for n_requests prompts, n samples each, with the settings of hf_sampling_config. Request i
+    gets its own seed from (seed, i), so its draw depends neither on the batch nor on the other prompts (one seed for
+    all would give every prompt the same random draws); vLLM seeds a request's j-th sample with seed + j, hence the
+    stride n."""
+    from vllm import SamplingParams  # optional and heavy: imported only where it is used
+
+    return [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                           repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                           max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(stop_ids) if stop_ids else None,
+                           seed=(seed * 100_003 + i * n) % 2 ** 62, detokenize=False) for i in range(n_requests)]
+
+
 def stop_token_ids(tokenizer, policy):
     """The ids that end a response: eos, the chat template's end-of-turn token, and the eos ids of the policy's
     generation_config.json (sft.py writes eos + end-of-turn there)."""
     stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
     eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id if os.path.exists(
         os.path.join(policy, "generation_config.json")) else None
-    return stop_ids | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg] if eos_cfg is not None else [])
+    return stop_ids | set(id_list(eos_cfg))
 
 
 def cut_at_stop(tokens, stop_ids):
@@ -177,16 +206,10 @@ def generate_hf(model, prompt_ids, gen_config, pad_id, stop_ids, device, batch_s
 
 
 def generate_vllm(llm, prompt_ids, sampling, stop_ids, seed):
-    """Sample one response per prompt with vLLM: same temperature / top-p / no top-k / stop tokens / length
-    as generate_hf (sampling: rloo.py's args, or any object with temperature, top_p and max_new_tokens); request i
-    gets its own seed from (seed, i), so its draw does not depend on the batch. Returns [(response ids, finished)]
-    like generate_hf."""
-    from vllm import SamplingParams  # optional (--vllm) and heavy: imported only where it is used
-
-    params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
-                             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                             max_tokens=sampling.max_new_tokens, stop_token_ids=sorted(stop_ids),
-                             seed=(seed * 100_003 + i) % 2 ** 62, detokenize=False) for i in range(len(prompt_ids))]
+    """Sample one response per prompt with vLLM, with generate_hf's settings (vllm_sampling_params; sampling: rloo.py's
+    args, or any object with temperature, top_p and max_new_tokens). Returns [(response ids, finished)] like
+    generate_hf."""
+    params = vllm_sampling_params(sampling, seed, len(prompt_ids), stop_ids=stop_ids)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
     result = []
     for o in outs:
@@ -239,22 +262,15 @@ def vllm_importable():
 def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_size=1, trust_remote_code=False):
     """[[n texts] per conversation] from model `name` on a vLLM engine of its own (freed before returning): the same
     prompt ids and sampling as chat_samples_hf. sampling: temperature, top_p, max_new_tokens (make_data.py's args)."""
-    from vllm import SamplingParams
-
     tok = utils.load_tokenizer(name)
-    ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
-               add_special_tokens=False)["input_ids"] for c in conversations]
+    ids = [tok(utils.render_chat(tok, c, True), add_special_tokens=False)["input_ids"] for c in conversations]
     longest = max(len(p) for p in ids)
     llm = vllm_engine(name, max_model_len=longest + sampling.max_new_tokens, colocated=False,
                       dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
                       needed=f"longest prompt {longest} + --max-new-tokens {sampling.max_new_tokens}")
-    # a seed per request (vLLM seeds a request's j-th sample with seed + j, hence the stride n): one seed for all would
-    # give every prompt the same random draws
-    params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-                             max_tokens=sampling.max_new_tokens, seed=(seed * 100_003 + i * n) % 2 ** 62)
-              for i in range(len(ids))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=utils.progress)
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], vllm_sampling_params(sampling, seed, len(ids), n),
+                        use_tqdm=utils.progress)
     texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
     del llm  # free the engine's memory before the next model loads
     gc.collect()
@@ -264,8 +280,8 @@ def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_si
 def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_remote_code=False, desc=None):
     """[[n texts] per conversation] from model `name` with transformers generate(), batch_size chats per call.
 
-    The settings of chat_samples_vllm: our temperature / top-p only (none of the sampling defaults a model's
-    generation_config.json may carry, such as top_k or repetition_penalty), stopping at the tokenizer's eos and the
+    The settings of chat_samples_vllm (hf_sampling_config): our temperature / top-p only, none of the sampling defaults
+    a model's generation_config.json may carry (top_k, repetition_penalty), stopping at the tokenizer's eos and the
     generation config's eos ids (end-of-turn tokens), as vLLM does."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = utils.load_tokenizer(name)
@@ -273,19 +289,13 @@ def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_re
     model = transformers.AutoModelForCausalLM.from_pretrained(
         name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         trust_remote_code=trust_remote_code).to(device).eval()
-    eos = model.generation_config.eos_token_id
-    eos = sorted({tok.eos_token_id} | set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    eos = sorted({tok.eos_token_id} | set(id_list(model.generation_config.eos_token_id)))
     model.generation_config = GenerationConfig()  # else generate() fills unset settings from it (e.g. its top_k)
-    sample = sampling.temperature > 0  # top_k 0: none (transformers' default would be 50; vLLM's is none)
-    gen_config = GenerationConfig(do_sample=sample, temperature=sampling.temperature if sample else None,
-                                  top_p=sampling.top_p if sample else None, top_k=0 if sample else None,
-                                  max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
-                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    gen_config = hf_sampling_config(sampling, eos, tok.pad_token_id, n)
     torch.manual_seed(seed)
     texts = []
     for i in utils.progress(range(0, len(conversations), batch_size), desc=desc):
-        chats = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations[i: i + batch_size]]
+        chats = [utils.render_chat(tok, c, True) for c in conversations[i: i + batch_size]]
         enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
             gen = model.generate(**enc, generation_config=gen_config)

@@ -611,9 +611,7 @@ def main(argv=None):
         saved_config = checkpoint.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,
                                                RESUME_MAY_CHANGE, data_fingerprints)
     models = load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps)
-    gen_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                  repetition_penalty=1.0, max_new_tokens=args.max_new_tokens, use_cache=True,
-                                  eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+    gen_config = generation.hf_sampling_config(args, sorted(stop_ids), tokenizer.pad_token_id)
     llm = start_vllm(args, prompts, gold_prompts, dtype, rank) if args.vllm else None
     run = SimpleNamespace(**vars(models), args=args, rank=rank, world=world, device=device, zero3=zero3,
                           grad_accum=grad_accum, tokenizer=tokenizer, rm_tokenizer=rm_tokenizer, stop_ids=stop_ids,
