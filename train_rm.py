@@ -342,10 +342,11 @@ def check_packed_attention(engine, pairs, pad_id, device, bf16):
     """--padding-free: a packed sequence must attend only to itself, which transformers derives from the restarting
     position_ids and not every architecture honours (Falcon and OPT do not). Refused when the first pair's two
     sequences score differently packed together than padded. Every rank runs the same two forwards (ZeRO-3)."""
+    seqs = list(pairs[0])
     with torch.no_grad():
-        input_ids, position_ids = pack_batch(list(pairs[0]), device)
+        input_ids, position_ids = pack_batch(seqs, device)
         packed = engine(input_ids, None, position_ids)[0].float()
-        padded = engine(*utils.pad_batch(list(pairs[0]), pad_id, device))[0].float()
+        padded = engine(*utils.pad_batch(seqs, pad_id, device))[0].float()
     gap = (packed - padded).abs().max().item()
     if gap > (2e-2 if bf16 else 1e-3) * max(1.0, padded.abs().max().item()):
         raise SystemExit(f"--padding-free: packed and padded rewards differ by {gap:.3g}: this architecture's "

@@ -426,22 +426,27 @@ def pad_batch(seqs, pad_id, device=None):
 
 
 def reward_head(model):
-    """The Linear(H, 1) projection Wp of an AutoModelForSequenceClassification, which must read h directly: a model
-    with layers of its own between the encoder and that Linear (DistilBERT's pre_classifier, DeBERTa's pooler,
-    ModernBERT's head) is refused, since r = Wp^T h would then be another function than the checkpoint computes."""
+    """The Linear(H, 1) projection Wp of an AutoModelForSequenceClassification."""
     for name in ("score", "classifier"):  # decoders (Llama, Qwen2, Mistral, Gemma, ...) / BERT-style
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear) and head.out_features == 1:
-            extra = [n for n, child in model.named_children() if n not in (model.base_model_prefix, name)
-                     and any(True for _ in child.parameters())]  # dropout layers hold no parameters
-            if extra:
-                raise ValueError(f"{type(model).__name__}: layers {', '.join(map(repr, extra))} between the encoder "
-                                 f"and its Linear(H, 1) '{name}'; the reward r = Wp^T h needs the head to read the "
-                                 "encoder's output (supported: decoder LMs with a 'score' head, BERT-style encoders "
-                                 "with a pooler)")
             return head
     raise ValueError(f"{type(model).__name__}: no Linear(H, 1) reward head named 'score' or 'classifier' "
                      "(supported: decoder LMs with a 'score' head, BERT-style encoders with a pooler)")
+
+
+def check_reward_head(model):
+    """reward_head(model), which must read h directly: a model with layers of its own between the encoder and that
+    Linear (DistilBERT's pre_classifier, DeBERTa's pooler, ModernBERT's head) is refused (ValueError), since
+    r = Wp^T h would then be another function than the checkpoint computes. Checked once, when a model is wrapped."""
+    head = reward_head(model)
+    extra = [n for n, child in model.named_children() if child is not head and n != model.base_model_prefix
+             and any(True for _ in child.parameters())]  # dropout layers hold no parameters
+    if extra:
+        raise ValueError(f"{type(model).__name__}: layers {', '.join(map(repr, extra))} between the encoder and its "
+                         "Linear(H, 1) head; the reward r = Wp^T h needs the head to read the encoder's output "
+                         "(supported: decoder LMs with a 'score' head, BERT-style encoders with a pooler)")
+    return head
 
 
 class RewardModel(nn.Module):
@@ -455,7 +460,7 @@ class RewardModel(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model  # the only submodule: state-dict keys are "model." + the HF keys
-        reward_head(model)
+        check_reward_head(model)
 
     def forward(self, input_ids, attention_mask):
         """A right-padded batch (pad_batch). train_rm.PackedRewardModel also reads packed rows (--padding-free)."""
@@ -498,7 +503,7 @@ def load_reward_model(name_or_path, tokenizer, dtype=torch.float32, attn_impleme
     finally:
         hf_logging.set_verbosity(verbosity)
     try:
-        reward_head(model)  # fail early, in one line, on an unsupported architecture
+        check_reward_head(model)  # fail early, in one line, on an unsupported architecture
     except ValueError as e:
         raise SystemExit(f"{name_or_path}: {e}") from None
     return model

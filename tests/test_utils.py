@@ -440,5 +440,5 @@ def test_a_head_with_layers_before_its_linear_is_refused(tmp_path, arch):
             num_labels=1))
     model.save_pretrained(path)
     extra = "pre_classifier" if arch == "distilbert" else "pooler"
-    with pytest.raises(SystemExit, match=f"'{extra}' between the encoder and its Linear"):
+    with pytest.raises(SystemExit, match=f"layers '{extra}' between the encoder and its Linear"):
         utils.load_reward_model(path, utils.load_tokenizer(path))
