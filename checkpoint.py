@@ -327,9 +327,10 @@ def fingerprint(path):
 RESUME_MAY_CHANGE = ("resume", "out", "save_steps", "local_rank", "zero_stage", "ds_config", "gradient_checkpointing")
 
 
-def check_resume(config_path, args, world_size, ds_config, may_change=(), fingerprints=None):
+def check_resume(config_path, args, world_size, ds_config, may_change=(), fingerprints=None, added_flags=None):
     """--resume: refuse a flag that differs from the saved run's (but RESUME_MAY_CHANGE and may_change), a data file
-    whose fingerprint changed, and a DeepSpeed config that differs once filled. Returns the saved config."""
+    whose fingerprint changed, and a DeepSpeed config that differs once filled. Returns the saved config.
+    added_flags: {flag: value} for flags newer than the saved run, compared with the value that run used."""
     if not os.path.exists(config_path):
         raise SystemExit(f"--resume: {config_path} is missing; the run cannot be checked, so it is not resumed")
     with open(config_path) as f:
@@ -338,7 +339,7 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
     free = set(RESUME_MAY_CHANGE) | set(may_change)
     listed = ", ".join("--" + k.replace("_", "-") for k in sorted(free - {"resume", "local_rank", "out"}))
     for key, value in sorted(vars(args).items()):
-        old = saved["args"].get(key, "(not recorded)")
+        old = saved["args"].get(key, (added_flags or {}).get(key, "(not recorded)"))
         if key not in free and old != value:
             raise SystemExit(f"--resume: --{key.replace('_', '-')} is {value!r} but the run in {where} used {old!r}; "
                              f"only {listed} may change on resume. Use the run's flags, or start a new run with "

@@ -201,6 +201,9 @@ def load_data(args, tokenizer):
                                                        args.truncate, append_eos) if args.eval_file else ([], {}))
     except utils.DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    if (args.eval_file, args.eval_split) == (args.train_file, args.train_split):
+        print0("[data] --eval-file is the training data itself (same file and split): eval loss is on training "
+               "conversations; for a hub dataset, pass its held-out split with --eval-split")
     for name, counts in (("train", skipped), ("eval", eval_skipped)):
         for reason, count in counts.items():
             print0(f"[data] {name}: skipped {count} rows ({reason})")

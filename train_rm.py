@@ -130,6 +130,8 @@ LOSSES = ("bt", "bsr", "hinge", "norm", "dr", "center")
 # --resume accepts new values of these (besides checkpoint.RESUME_MAY_CHANGE: --save-steps, --zero-stage, --ds-config,
 # --gradient-checkpointing, --out): they change what is logged or how it is computed, never a trained weight
 RESUME_MAY_CHANGE = ("eval_batch_size", "norm_stats_pairs", "max_tokens_per_forward")
+# flags newer than some saved runs, with the value those runs used (so --resume compares against it)
+RESUME_ADDED_FLAGS = {"eval_split": "train"}
 
 # ===================================================================================================
 # Arguments
@@ -144,6 +146,7 @@ def parse_args(argv=None):
                         "with chosen/rejected message lists (Skywork-Reward-Preference-80K-v0.2 format)")
     p.add_argument("--train-split", default="train", help="split, when --train-file is a hub dataset")
     p.add_argument("--eval-file", default=None, help="pairs in the same format; pair accuracy each epoch")
+    p.add_argument("--eval-split", default="train", help="split, when --eval-file is a hub dataset (e.g. test)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--loss", choices=LOSSES, default="bsr", help="loss (see preference_loss)")
     p.add_argument("--lam", type=utils.nonneg_float, default=1e-3, help="BSR / center weight lambda")
@@ -226,10 +229,13 @@ def load_data(args, tokenizer):
     try:
         pairs, skipped = load_pairs(args.train_file, args.train_split, tokenizer, args.max_length,
                                     args.truncate, args.max_train_pairs)
-        eval_pairs, eval_skipped = (load_pairs(args.eval_file, "train", tokenizer, args.max_length, args.truncate)
-                                    if args.eval_file else ([], {}))
+        eval_pairs, eval_skipped = (load_pairs(args.eval_file, args.eval_split, tokenizer, args.max_length,
+                                               args.truncate) if args.eval_file else ([], {}))
     except utils.DataError as e:
         raise SystemExit(f"data error: {e}") from None
+    if (args.eval_file, args.eval_split) == (args.train_file, args.train_split):
+        utils.print0("[data] --eval-file is the training data itself (same file and split): eval accuracy is on "
+                     "training pairs; for a hub dataset, pass its held-out split with --eval-split")
     for name, sk in (("train", skipped), ("eval", eval_skipped)):
         for reason, count in sk.items():
             utils.print0(f"[data] {name}: skipped {count} rows ({reason})")
@@ -578,7 +584,7 @@ def main(argv=None):
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = checkpoint.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,
-                                               RESUME_MAY_CHANGE, data_fingerprints)
+                                               RESUME_MAY_CHANGE, data_fingerprints, RESUME_ADDED_FLAGS)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive)
     hf_model, engine, scheduler = load_model(args, tokenizer, bf16, ds_config, total_steps, device)
     if args.padding_free:

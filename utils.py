@@ -264,7 +264,11 @@ def iter_rows(source, split="train"):
     else:
         from datasets import load_dataset  # seconds to import, and only for a hub dataset
 
-        for i, row in enumerate(load_dataset(source, split=split)):
+        try:
+            rows = load_dataset(source, split=split)
+        except (ValueError, OSError) as e:  # an unknown split; no such dataset, or no hub access
+            raise DataError(f"{source}[{split}]: cannot load it as a dataset ({str(e).splitlines()[0][:200]})") from None
+        for i, row in enumerate(rows):
             yield f"{source}[{split}] row {i}", row
 
 

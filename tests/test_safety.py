@@ -165,7 +165,8 @@ def _saved_config(parse, argv):
     (train_rm, ["--model", "m", "--train-file", "t.jsonl", "--out", "o"],
      [["--truncate"], ["--warmup-ratio", "0.5"], ["--max-grad-norm", "0.5"], ["--weight-decay", "0.1"],
       ["--micro-batch-size", "4"], ["--bf16"], ["--padding-free"], ["--attn-implementation", "eager"],
-      ["--head-init", "keep"], ["--eval-file", "e.jsonl"], ["--train-split", "x"], ["--max-length", "64"]],
+      ["--head-init", "keep"], ["--eval-file", "e.jsonl"], ["--train-split", "x"], ["--max-length", "64"],
+      ["--eval-split", "test"]],
      [["--save-steps", "7"], ["--eval-batch-size", "4"], ["--norm-stats-pairs", "0"],
       ["--max-tokens-per-forward", "512"], ["--gradient-checkpointing"], ["--ds-config", "other.json"]]),
     (sft, ["--model", "m", "--train-file", "t.jsonl", "--out", "o"],
@@ -191,6 +192,17 @@ def test_resume_refuses_every_flag_that_changes_the_result(tmp_path, stage, base
     with pytest.raises(SystemExit, match="DeepSpeed config differs"):
         checkpoint.check_resume(str(cfg), stage.parse_args(base + ["--resume"]), 1,
                                 {"zero_optimization": {"stage": 0}, "gradient_clipping": 2.0}, stage.RESUME_MAY_CHANGE)
+    added = getattr(stage, "RESUME_ADDED_FLAGS", None)
+    if added:  # a run saved before a flag existed resumes when the flag keeps the value that run used
+        older = json.loads(cfg.read_text())
+        for key in added:
+            del older["args"][key]
+        cfg.write_text(json.dumps(older))
+        checkpoint.check_resume(str(cfg), stage.parse_args(base + ["--resume"]), 1, ds, stage.RESUME_MAY_CHANGE,
+                                None, added)
+        with pytest.raises(SystemExit, match="is 'test' but the run in .* used 'train'"):
+            checkpoint.check_resume(str(cfg), stage.parse_args(base + ["--eval-split", "test", "--resume"]), 1, ds,
+                                    stage.RESUME_MAY_CHANGE, None, added)
 
 
 def test_fingerprint_follows_content(tmp_path):

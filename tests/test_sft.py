@@ -103,6 +103,7 @@ def test_sft_run_outputs_a_checkpoint_the_next_stages_load(sft_run):
 
     base, data, out, proc = sft_run
     assert "skipped 1 rows (no non-empty assistant turn)" in proc.stdout
+    assert "[data] --eval-file is the training data itself" in proc.stdout  # --eval-file = --train-file, said
     model = AutoModelForCausalLM.from_pretrained(out)
     base_model = AutoModelForCausalLM.from_pretrained(base)
     moved = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), base_model.parameters()))

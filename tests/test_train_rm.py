@@ -10,7 +10,7 @@ import torch
 
 import utils
 from conftest import make_tiny_lm, read_metrics, run_script, write_pairs
-from train_rm import epoch_batches, forward_chunks, init_reward_head, load_pairs, preference_loss
+from train_rm import epoch_batches, forward_chunks, init_reward_head, load_data, load_pairs, parse_args, preference_loss
 
 COMMON = ["--lr", "1e-3", "--global-batch-size", "8", "--epochs", "2", "--max-length", "128", "--seed", "0",
           "--save-steps", "2", "--norm-stats-pairs", "16", "--max-train-pairs", "32", "--warmup-ratio", "0.25"]
@@ -275,3 +275,23 @@ def test_bad_input_file_is_a_message_naming_file_line_and_field(tiny_llama, data
     assert proc.returncode == 1
     assert f"data error: {bad}:3: field 'rejected' must be a string" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_split_picks_the_hub_datasets_held_out_split(tiny_llama, tmp_path, capsys):
+    """A dataset folder (read as a hub dataset is) with train and test splits: --eval-split test scores the test pairs;
+    the default reads the training split itself and says so; an unknown split is a one-line data error."""
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_pairs(str(folder / "train.jsonl"), 16, seed=0)
+    write_pairs(str(folder / "test.jsonl"), 5, seed=1)
+    tok = utils.load_tokenizer(tiny_llama)
+    base = ["--model", tiny_llama, "--train-file", str(folder), "--eval-file", str(folder), "--out", "o",
+            "--global-batch-size", "8", "--max-length", "128"]
+    pairs, eval_pairs, _, _ = load_data(parse_args(base + ["--eval-split", "test"]), tok)
+    assert len(pairs) == 16 and len(eval_pairs) == 5
+    assert "training data itself" not in capsys.readouterr().out
+    _, eval_pairs, _, _ = load_data(parse_args(base), tok)
+    assert eval_pairs == pairs
+    assert "[data] --eval-file is the training data itself" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"data error: .*prefs\[valid\]: cannot load it as a dataset \(Unknown split"):
+        load_data(parse_args(base + ["--eval-split", "valid"]), tok)
