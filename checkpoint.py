@@ -97,7 +97,8 @@ def atomic_path(final):
         elif os.path.exists(tmp):
             os.remove(tmp)
         raise
-    if os.path.isdir(tmp):
+    fsync_tree(tmp)  # the data reaches the disk before the rename makes it final: a machine crash after the rename
+    if os.path.isdir(tmp):  # must not find final holding empty or partial files (the rename may be committed first)
         if os.path.isdir(final):
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
@@ -105,6 +106,25 @@ def atomic_path(final):
         shutil.rmtree(final + ".old", ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_path(os.path.dirname(final))  # the rename itself
+
+
+def fsync_path(path):
+    """Flush one file or folder (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """Flush a file, or every file and folder under a folder, to disk."""
+    for folder, _, files in os.walk(path) if os.path.isdir(path) else [(None, None, [path])]:
+        for name in files:
+            fsync_path(name if folder is None else os.path.join(folder, name))
+        if folder is not None:
+            fsync_path(folder)
 
 
 # A write that found no room: a full disk, a quota, the process's file-size limit. torch and safetensors wrap the
@@ -224,6 +244,7 @@ def save_train_state(engine, resume_dir, step):
     with no_room_is_one_line(resume_dir, partial=tmp):
         engine.save_checkpoint(tmp, tag="ds", save_latest=False)
         save_rng_state(tmp, torch.distributed.get_rank())
+        fsync_tree(tmp)  # every rank flushes what it wrote (on a shared filesystem only the writer's flush counts)
     torch.distributed.barrier()
     if utils.is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
@@ -232,6 +253,7 @@ def save_train_state(engine, resume_dir, step):
         if os.path.isdir(os.path.join(resume_dir, name)):
             shutil.rmtree(os.path.join(resume_dir, name))
         os.replace(tmp, os.path.join(resume_dir, name))
+        fsync_path(resume_dir)
         with atomic_path(os.path.join(resume_dir, "latest")) as t:
             with open(t, "w") as f:
                 f.write(name)

@@ -363,6 +363,29 @@ def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
     assert (final / "a").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A machine crash must not leave a final name pointing at data still in the page cache: every file of the
+    temporary (and the temporary folder) is fsynced before the rename, the parent folder after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    final = tmp_path / "ckpt"
+    with checkpoint.atomic_path(str(final)) as tmp:
+        os.makedirs(os.path.join(tmp, "sub"))
+        for name in ("a", "sub/b"):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(name)
+    flushed = [p for e, p in events[:-2] if e == "fsync"]
+    assert sorted(flushed) == sorted([tmp, f"{tmp}/a", f"{tmp}/sub", f"{tmp}/sub/b"])
+    assert events[-2:] == [("replace", tmp), ("fsync", str(tmp_path))]
+    events.clear()
+    checkpoint.write_json(str(tmp_path / "c.json"), {"x": 1})
+    tmp = f"{tmp_path}/c.json.tmp-{os.getpid()}"
+    assert events == [("fsync", tmp), ("replace", tmp), ("fsync", str(tmp_path))]
+
+
 def test_resume_refuses_changed_flags_world_size_or_stage(tmp_path):
     import argparse
 
