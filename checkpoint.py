@@ -84,8 +84,8 @@ def check_reward_model(name, flag="--model"):
 @contextlib.contextmanager
 def atomic_path(final):
     """`with atomic_path(final) as tmp:` write to tmp (a file or a folder); on success tmp replaces final, and a crash
-    inside the block leaves final untouched. An existing final folder is moved to final.old and deleted after, so one
-    complete copy exists at every instant."""
+    inside the block leaves final untouched. An existing final folder is moved to final.old-<pid> and deleted after, so
+    one complete copy exists at every instant (the name is this process's: a final.old of someone else is not ours)."""
     final = os.path.abspath(final)
     tmp = f"{final}.tmp-{os.getpid()}"
     os.makedirs(os.path.dirname(final), exist_ok=True)
@@ -99,11 +99,11 @@ def atomic_path(final):
         raise
     fsync_tree(tmp)  # the data reaches the disk before the rename makes it final: a machine crash after the rename
     if os.path.isdir(tmp):  # must not find final holding empty or partial files (the rename may be committed first)
+        old = f"{final}.old-{os.getpid()}"
         if os.path.isdir(final):
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            os.replace(final, final + ".old")
+            os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     fsync_path(os.path.dirname(final))  # the rename itself
@@ -405,7 +405,7 @@ def last_good_state(out):
 
 
 OWNER_FILE = ".written_by"
-_LEFTOVER = re.compile(r"^(?P<name>.+)\.tmp-(?P<pid>\d+)$")  # atomic_path's temporary names
+_LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")  # atomic_path's temporary and backup names
 
 
 def folder_owner(out):
@@ -481,28 +481,31 @@ def pid_alive(pid):
 
 def remove_leftovers(folder, recurse=("resume",)):
     """Rank 0, at start: delete what a crashed save left in a folder this stage owns: atomic_path's '<name>.tmp-<pid>'
-    of a process that is gone, save_train_state's resume/.tmp-step-N, and an 'epoch-N.old' / 'final.old' whose
-    replacement is complete (if the replacement is missing, the .old copy is put back). Returns the removed paths."""
+    of a process that is gone, save_train_state's resume/.tmp-step-N, and a backup '<name>.old-<pid>' (or an older
+    version's 'epoch-N.old' / 'final.old') whose replacement is complete (if the replacement is missing, the backup is
+    put back). Returns the removed paths."""
     if not utils.is_rank0() or not os.path.isdir(folder):
         return []
 
-    def dead_tmp(name):
+    def dead(name, kind):
         m = _LEFTOVER.match(name)
-        return m is not None and not pid_alive(int(m["pid"]))
+        return m is not None and m["kind"] == kind and not pid_alive(int(m["pid"]))
 
     removed = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if dead_tmp(name):
+        backup_of = (_LEFTOVER.match(name)["name"] if dead(name, "old")
+                     else name[: -len(".old")] if re.fullmatch(r"(epoch-\d+|final)\.old", name) else None)
+        if dead(name, "tmp"):
             removed.append(path)
-        elif re.fullmatch(r"(epoch-\d+|final)\.old", name) and os.path.isdir(path):
-            if os.path.isdir(path[: -len(".old")]):
+        elif backup_of and os.path.isdir(path):
+            if os.path.isdir(os.path.join(folder, backup_of)):
                 removed.append(path)
             else:
-                os.replace(path, path[: -len(".old")])
+                os.replace(path, os.path.join(folder, backup_of))
         elif name in recurse and os.path.isdir(path):
             removed += [os.path.join(path, sub) for sub in sorted(os.listdir(path))
-                        if re.fullmatch(r"\.tmp-step-\d+", sub) or dead_tmp(sub)]
+                        if re.fullmatch(r"\.tmp-step-\d+", sub) or dead(sub, "tmp")]
     for path in removed:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

@@ -640,11 +640,15 @@ def nan_to_null(obj):
 
 
 def unique_labels(args):
-    """--name, or each model's short folder name; repeats get #2, #3 (labels name cache files and table rows)."""
-    labels = list(args.name or [model_label(m) for m in args.model])
-    for i, label in enumerate(labels):
-        if labels.count(label) > 1:
-            labels[i] = f"{label}#{labels[:i].count(label) + 1}"
+    """--name, or each model's short folder name; a repeat gets #2, #3, ... (labels key the report's rows and cache
+    files, so they must all differ: a label that is taken already, a --name included, gets the next number)."""
+    labels = []
+    for label in args.name or [model_label(m) for m in args.model]:
+        unique, k = label, 1
+        while unique in labels:
+            k += 1
+            unique = f"{label}#{k}"
+        labels.append(unique)
     return labels
 
 
@@ -711,15 +715,18 @@ def main(argv=None):
         report["rloo"] = rloo_report(rloo_runs, {label: m["model"] for label, m in report["models"].items()})
     report["settings"] = run_settings(report)
 
-    # ---------------------------------------------------------------- save: report.json, then report.md and figures
-    if utils.is_rank0():
+    # ---------------------------------------------------------------- save: report.md and figures, report.json last
+    if utils.is_rank0():  # report.json is written last, so where it exists the whole report is complete and current
         os.makedirs(args.out, exist_ok=True)
+        report_path = os.path.join(args.out, "report.json")
+        if os.path.exists(report_path):  # an earlier run's (this folder is ours): it must not outlive a failed rerun
+            os.remove(report_path)
         report = nan_to_null(report)
-        checkpoint.write_json(os.path.join(args.out, "report.json"), report)
         checkpoint.write_json(os.path.join(args.out, "eval_config.json"),
                               {"args": vars(args), "world_size": world, "device": str(device),
                                "models": dict(zip(labels, args.model)), "data": report["data"]})
         figures = write_report(args.out, report, sets, scores_all, rloo_runs)
+        checkpoint.write_json(report_path, report)
         print0(f"[done] {os.path.join(args.out, 'report.md')}, report.json, {', '.join(figures)}")
     torch.distributed.barrier()
 

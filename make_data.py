@@ -411,9 +411,21 @@ def model_seed(seed, name):
     return int(hashlib.sha256(f"{seed}-{short_model_name(name)}".encode()).hexdigest()[:8], 16)
 
 
+def new_model_names(args):
+    """--new-models as a list. Each writes its responses under its short name, which also seeds its sampling, so two
+    local folders of one name ('final', 'base') would be one model of M_valid: refused."""
+    models = [m.strip() for m in (getattr(args, "new_models", None) or "").split(",") if m.strip()]
+    names = [short_model_name(m) for m in models]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise SystemExit(f"--new-models: {models[names.index(name)]} and {models[i]} are both named {name!r} "
+                             "(a local model is named by its folder, the name its responses carry); rename a folder")
+    return models
+
+
 def generate_responses(args, prompts, skipped):
     """pid -> [{model, response}] from --new-models, --samples-per-model each (4 per prompt are used)."""
-    models = [m.strip() for m in args.new_models.split(",") if m.strip()]
+    models = new_model_names(args)
     if len(models) * args.samples_per_model < 4:
         raise SystemExit(f"--new-models x --samples-per-model = {len(models)} x {args.samples_per_model}: "
                          "fewer than 4 responses per prompt")
@@ -614,15 +626,19 @@ def split_checks(files, m_train, m_valid):
                   for k in prompt_response_keys(r))
     seen_m = models("train.jsonl") | models("valid_id.jsonl") | models("valid_prompt_ood.jsonl")
     new_m = models("valid_response_ood.jsonl") | models("valid_mutual_ood.jsonl")
-    return {
+    checks = {
         "train_and_prompt_ood_prompts_disjoint": not (train_p & unseen),
         "train_and_rl_prompts_disjoint": not (train_p & (rl | prompts("rl_eval_prompts.jsonl"))),
         "rl_prompts_and_rl_eval_prompts_disjoint": not (rl & prompts("rl_eval_prompts.jsonl")),
         "m_train_and_m_valid_disjoint": not (set(m_train) & set(m_valid)),
-        "seen_files_use_only_m_train": seen_m <= set(m_train) if m_train else True,
-        "ood_response_files_use_only_m_valid": new_m <= set(m_valid) if m_valid else True,
+        "seen_files_use_only_m_train": seen_m <= set(m_train),
+        "ood_response_files_use_only_m_valid": new_m <= set(m_valid),
         "no_validation_pair_in_train": overlap == 0,
     }
+    if not m_train and not m_valid:  # --source jsonl declares no model sets: the rows' model names are all there is
+        checks.update(m_train_and_m_valid_disjoint=not (seen_m & new_m) if seen_m and new_m else None,
+                      seen_files_use_only_m_train=None, ood_response_files_use_only_m_valid=None)  # None: unknown
+    return checks
 
 
 # ===================================================================================================
@@ -677,16 +693,21 @@ def build_base_model(path, texts, args):
 
 
 def remove_stale_tmp(out):
-    """Delete '<out>.tmp-<pid>' folders that a crashed make_data.py left next to --out (ours by .written_by, and
-    their process is gone); anything else of that name is left alone. (checkpoint.remove_leftovers cleans inside a
-    folder the stage owns; the parent of --out is not ours, so here only folders marked as ours go.)"""
+    """Clean what a crashed make_data.py left next to --out (folders marked as ours by .written_by, whose process is
+    gone): '<out>.tmp-<pid>' is deleted; the backup '<out>.old-<pid>' is put back when --out is missing (the crash
+    fell between atomic_path's two renames), else deleted. Anything else of those names is left alone.
+    (checkpoint.remove_leftovers cleans inside a folder the stage owns; the parent of --out is not ours.)"""
     parent, base = os.path.split(os.path.abspath(out))
-    for name in os.listdir(parent) if os.path.isdir(parent) else []:
-        m = re.fullmatch(re.escape(base) + r"\.tmp-(\d+)", name)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        m = re.fullmatch(re.escape(base) + r"\.(tmp|old)-(\d+)", name)
         path = os.path.join(parent, name)
-        if m and os.path.isdir(path) and checkpoint.folder_owner(path) == STAGE and not checkpoint.pid_alive(int(m[1])):
-            shutil.rmtree(path, ignore_errors=True)
-            print(f"[start] removed {path}, left by a crashed make_data.py")
+        if m and os.path.isdir(path) and checkpoint.folder_owner(path) == STAGE and not checkpoint.pid_alive(int(m[2])):
+            if m[1] == "old" and not os.path.exists(out):
+                os.replace(path, out)
+                print(f"[start] put back {out} from {path}, left by a crashed make_data.py")
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"[start] removed {path}, left by a crashed make_data.py")
 
 
 def main(argv=None):
@@ -696,6 +717,7 @@ def main(argv=None):
     inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "train_file", "valid_file", "prompt_ood_file", "response_ood_file", "mutual_ood_file", "rl_prompts_file",
         "rl_eval_prompts_file", "dataset", "alpaca_eval_dir", "gold_model")]
+    inputs += [("--new-models", m) for m in new_model_names(args)]  # local folders among them are inputs too
     checkpoint.claim_out_dir(args.out, STAGE, inputs, legacy=("manifest.json", MANIFEST_KEYS), create=False)
     remove_stale_tmp(args.out)
     utils.quiet_libraries()
@@ -706,11 +728,11 @@ def main(argv=None):
         raise SystemExit(f"data error: {e}") from None
     drop_train_overlap(files, skipped)
     checks = split_checks(files, m_train, m_valid)
-    if args.source != "jsonl" and not all(checks.values()):  # by construction; a model in both sets fails here
-        failed = [k for k, v in checks.items() if not v]
+    if args.source != "jsonl" and False in checks.values():  # by construction; a model in both sets fails here
+        failed = [k for k, v in checks.items() if v is False]
         raise SystemExit(f"split checks failed: {failed}; M_train {m_train}, M_valid {m_valid}")
     for name, ok in checks.items():
-        if not ok:
+        if ok is False:
             print(f"[warning] check failed: {name}")
     counts = {name: len(rows) for name, rows in files.items()}
     manifest = {"source": args.source, "seed": args.seed, "counts": counts, "splits": splits,
@@ -740,7 +762,8 @@ def print_summary(args, files, manifest):
         for reason, n in reasons.items():
             print(f"[skipped] {name}: {n} ({reason})")
     print(f"[checks] {', '.join(k for k, v in manifest['checks'].items() if v)} passed"
-          + "".join(f"; FAILED {k}" for k, v in manifest["checks"].items() if not v))
+          + "".join(f"; FAILED {k}" for k, v in manifest["checks"].items() if v is False)
+          + "".join(f"; {k} not checkable (no model names)" for k, v in manifest["checks"].items() if v is None))
     if "spurious" in manifest:
         s = manifest["spurious"]
         print(f"[toy world] corr(words, r*) within M_train {s.get('corr_words_gold_m_train')}, "

@@ -14,12 +14,13 @@
 #
 # Variables: PRESET (toy | smoke | smol | paper | skywork), SEEDS, LOSSES (bt bsr hinge norm dr center), LAMS (lambdas of bsr and center),
 # NUM_GPUS, HOSTFILE, RUNS (default runs/<preset>), RESULTS (default results/ for the toy preset, else
-# RUNS/results), FORCE=1 (redo stages whose outputs exist), DRY_RUN=1 (print each stage's command, run nothing),
-# PYTHON; smol only: SMOL_MODEL (the converted folder, default RUNS/smollm2; reused when it holds a finished
-# conversion), RM_BENCH_SAMPLE (default ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm).
-# Each stage writes its own folder under RUNS; a
-# stage whose outputs exist is skipped, and a training stage that was interrupted resumes (--resume), so a rerun
-# after a failure continues where it stopped.
+# RUNS/results), FORCE=1 (redo stages whose outputs exist; a folder is deleted only when its stage wrote it),
+# DRY_RUN=1 (print each stage's command, skip or --resume, run and install nothing), PYTHON; smol only: SMOL_MODEL
+# (the converted folder, default RUNS/smollm2; reused when it holds a finished conversion), RM_BENCH_SAMPLE (default
+# ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm).
+# Each stage writes its own folder under RUNS; a stage whose outputs exist is skipped (the evaluation always runs, from
+# its score cache), and a training stage that was interrupted resumes (--resume), so a rerun after a failure continues
+# where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,7 +33,7 @@ ensure_installed() {  # a fresh machine: CPU torch first (else pip pulls CUDA wh
   "$PY" -c "import transformers, deepspeed, datasets, scipy, matplotlib, tqdm, accelerate" >/dev/null 2>&1 \
     || "$PY" -m pip install -q -r requirements.txt
 }
-ensure_installed
+[[ "${DRY_RUN:-0}" == 1 ]] || ensure_installed  # a dry run installs nothing either
 export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [[ "${1:-}" == "test" ]]; then
@@ -127,15 +128,28 @@ else LAUNCH=("$PY"); fi
 echo "[run_all] preset $PRESET: seeds ($SEEDS), losses ($LOSSES), BSR lambdas ($LAMS), outputs in $RUNS, launcher ${LAUNCH[*]}"
 
 # ------------------------------------------------------------------------------------------------- helpers
-# stage NAME DONE_FILE OUT_DIR -- command...   runs the command unless DONE_FILE exists (FORCE=1 redoes it);
-# a training command gets --resume when OUT_DIR holds an interrupted run
+# stage NAME DONE_FILE OUT_DIR -- command...   runs the command unless DONE_FILE exists ("" = always runs); FORCE=1
+# redoes it, deleting OUT_DIR first only when the stage's own script wrote it (OUT_DIR/.written_by); a training
+# command gets --resume when OUT_DIR holds an interrupted run. DRY_RUN=1 prints what a real run would do.
 stage() {
   local name=$1 done_file=$2 out=$3; shift 4
-  if [[ "$DRY_RUN" == 1 ]]; then echo "[run_all] (dry run) $name: $*"; return; fi
-  if [[ -e "$done_file" && "$FORCE" != 1 ]]; then echo "[run_all] $name: done ($done_file), skipped"; return; fi
-  local extra=()
-  if [[ "$FORCE" == 1 ]]; then rm -rf "$out"
+  local dry="" extra=()
+  [[ "$DRY_RUN" == 1 ]] && dry="(dry run) "
+  if [[ -n "$done_file" && -e "$done_file" && "$FORCE" != 1 ]]; then
+    echo "[run_all] $name: done ($done_file), skipped"; return
+  fi
+  if [[ "$FORCE" == 1 && -d "$out" && -n "$(ls -A "$out")" ]]; then
+    local script owner
+    script=$(for a in "$@"; do [[ $a == *.py ]] && { basename "$a"; break; }; done)
+    owner=$(sed -n 's/.*"stage": *"\([^"]*\)".*/\1/p' "$out/.written_by" 2>/dev/null || true)
+    if [[ "$owner" != "$script" ]]; then
+      echo "[run_all] FORCE=1: $out was not written by $script (its .written_by names '${owner:-nothing}'); not" \
+        "deleting it: move it away or choose another RUNS / RESULTS" >&2
+      exit 1
+    fi
+    [[ -n "$dry" ]] || rm -rf "$out"
   elif [[ -e "$out/resume/latest" ]]; then extra=(--resume); echo "[run_all] $name: resuming $out"; fi
+  if [[ -n "$dry" ]]; then echo "[run_all] (dry run) $name: $* ${extra[*]}"; return; fi
   echo "[run_all] $name: $*"
   local t0=$SECONDS
   "$@" "${extra[@]}"
@@ -191,8 +205,13 @@ first_seed=${SEEDS%% *}
 RLOO_REPORT=()
 for loss in bt bsr; do
   [[ " $LOSSES " == *" $loss "* ]] || continue
-  rm_dir=$RUNS/rm/$loss/seed$first_seed
-  [[ -d $rm_dir || "$DRY_RUN" == 1 ]] || rm_dir=$(ls -d "$RUNS"/rm/${loss}*/seed"$first_seed" | head -1)
+  name=$loss  # BSR's policy uses the paper's lambda 1e-3 when LAMS holds it, else the first of LAMS (folder as above)
+  if [[ $loss == bsr && "$LAMS" != "1e-3" ]]; then
+    read -r -a lams <<< "$LAMS"; lam=${lams[0]}
+    [[ " $LAMS " == *" 1e-3 "* ]] && lam=1e-3
+    name="bsr_lam$lam"
+  fi
+  rm_dir=$RUNS/rm/$name/seed$first_seed
   out=$RUNS/rloo/$loss
   stage "rloo $loss" "$out/summary.json" "$out" -- "${LAUNCH[@]}" rloo.py --policy "$POLICY_BASE" --reward-model "$rm_dir" \
     --prompts "$RUNS/data/rl_prompts.jsonl" --gold-prompts "$RUNS/data/rl_eval_prompts.jsonl" --out "$out" \
@@ -201,7 +220,8 @@ for loss in bt bsr; do
 done
 
 # ------------------------------------------------------------------------------------------------- 5. evaluation and report
-# one evaluation of every RM, with the RLOO runs' tables and Figure 5; the scores are cached in RUNS/eval_cache
-stage eval "$RESULTS/report.json" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
+# one evaluation of every RM, with the RLOO runs' tables and Figure 5. It runs every time (the scores are cached in
+# RUNS/eval_cache: seconds), so the report always covers this run's models, never an earlier run's
+stage eval "" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
   "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
 [[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"

@@ -168,16 +168,26 @@ def load_conversations(source, split, tokenizer, max_length, truncate, append_eo
         if not isinstance(row["messages"], list):
             raise utils.DataError(f"{where}: field 'messages' must be a list of chat messages")
         msgs = utils.as_messages(row["messages"], "user", where, "messages")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            skipped["no non-empty assistant turn"] = skipped.get("no non-empty assistant turn", 0) + 1
+        first = next((m["role"] for m in msgs if m["role"] != "system"), None)
+        reason = ("no non-empty assistant turn" if not any(m["role"] == "assistant" and m["content"].strip()
+                                                           for m in msgs)
+                  # the first assistant turn's tokens are found after the rendered prefix before it, which an
+                  # empty prefix does not give (templates refuse to render it, or add a system prompt)
+                  else "an assistant turn before any user turn" if first == "assistant" else None)
+        if reason is None:
+            try:
+                ids, mask = tokenize_conversation(tokenizer, msgs, append_eos)
+            except Exception as e:  # the template refuses this row (jinja2: "roles must alternate", ...)
+                raise utils.DataError(f"{where}: field 'messages': the chat template cannot render this "
+                                      f"conversation ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            if len(ids) > max_length:
+                if truncate and any(mask[1:max_length]):
+                    ids, mask = ids[:max_length], mask[:max_length]
+                else:
+                    reason = f"longer than --max-length {max_length}"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        ids, mask = tokenize_conversation(tokenizer, msgs, append_eos)
-        if len(ids) > max_length:
-            if not truncate or not any(mask[1:max_length]):
-                reason = f"longer than --max-length {max_length}"
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            ids, mask = ids[:max_length], mask[:max_length]
         convs.append((ids, mask))
         if max_rows and len(convs) >= max_rows:
             break
@@ -367,8 +377,11 @@ def main(argv=None):
     lengths = [len(ids) for ids, _ in convs]
     steps_per_epoch = len(convs) // args.global_batch_size
     total_steps = steps_per_epoch * args.epochs
+    unused = len(convs) % args.global_batch_size
     print0(f"[data] {len(convs)} train conversations ({sum(sum(m) for _, m in convs)} assistant tokens), "
-           f"{len(eval_convs)} eval; {steps_per_epoch} steps/epoch x {args.epochs} epochs")
+           f"{len(eval_convs)} eval; {steps_per_epoch} steps/epoch x {args.epochs} epochs; {unused} conversations/epoch "
+           "past the last full global batch wait for the next shuffle" + (" (unused: one epoch)" if unused and
+                                                                          args.epochs == 1 else ""))
     print0(f"[batch] global {args.global_batch_size} = micro {micro_batch} x world {world} x "
            f"accumulation {grad_accum}")
 
@@ -393,6 +406,7 @@ def main(argv=None):
     start_step, run_config = start_or_resume(args, engine, resume_dir, metrics_path, saved_config, {
         "args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "train_conversations": len(convs),
+        "conversations_past_last_batch_per_epoch": unused,
         "eval_conversations": len(eval_convs), "skipped": skipped, "turn_end_ids": end_ids,
         "eos_appended": append_eos, "data_fingerprints": data_fingerprints, "ds_config": ds_config})
     if args.resume:

@@ -1,5 +1,6 @@
 """eval_rm.py: metrics against scipy / hand computations, bad input, and end to end on tiny RMs trained here."""
 
+import argparse
 import functools
 import json
 import math
@@ -422,6 +423,23 @@ def test_cache_makes_second_run_skip_the_models(world):
     assert open(os.path.join(world["out"], "report.json")).read() == first
 
 
+def test_a_rerun_that_fails_while_drawing_leaves_no_report_json(world, tmp_path, monkeypatch):
+    """report.json is written last: where it exists the report is complete. A rerun into the same folder that dies
+    while writing report.md or the figures leaves no report.json, not the earlier run's posing as this one's."""
+    out = str(tmp_path / "eval")
+    argv = world["args"][1:] + ["--cache-dir", os.path.join(world["out"], "cache"), "--out", out]
+    eval_rm.main(argv)  # every score from the world's cache
+    assert os.path.exists(os.path.join(out, "report.json")) and os.path.exists(os.path.join(out, "report.md"))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_rm, "write_report", crash)
+    with pytest.raises(KeyboardInterrupt):
+        eval_rm.main(argv)
+    assert not os.path.exists(os.path.join(out, "report.json"))
+
+
 def test_two_processes_match_one(world):
     """Sequences sharded over 2 ranks (gloo): the same report up to float noise from different batch padding."""
     out2 = str(world["root"] / "eval_2proc")
@@ -540,3 +558,12 @@ def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
     assert os.path.getsize(tmp_path / "fig5_rloo.png") > 10000
     with pytest.raises(SystemExit):
         eval_rm.parse_args(["--model", "m", "--data-dir", "d", "--out", "o", "--rloo", f"pi={tmp_path}"])
+
+
+def test_repeated_model_labels_all_differ():
+    """Three models whose folders end alike (x/rm/bt/seed1, y/rm/bt/seed1, ...) keep three rows: labels key the report."""
+    models = [f"/runs/{r}/rm/bt/seed1" for r in "xyz"]
+    assert eval_rm.unique_labels(argparse.Namespace(name=None, model=models)) == ["bt/seed1", "bt/seed1#2",
+                                                                                  "bt/seed1#3"]
+    names = ["a", "a#2", "a", "a"]  # a --name that is already a repeat's label is not handed out twice
+    assert eval_rm.unique_labels(argparse.Namespace(name=names, model=models + ["w"])) == ["a", "a#2", "a#3", "a#4"]

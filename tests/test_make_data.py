@@ -391,7 +391,28 @@ def test_jsonl_source_validates_and_copies(tmp_path):
     t = rows(out, "train.jsonl")
     assert len(t) == 1 and set(t[0]) == CONTRACT_PAIR and t[0]["chosen_score"] == 2
     assert rows(out, "valid_prompt_ood.jsonl")[0]["gold_scores"] == [1, 2, 3]
-    assert all(m["checks"].values())
+    model_checks = ("m_train_and_m_valid_disjoint", "seen_files_use_only_m_train", "ood_response_files_use_only_m_valid")
+    assert all(m["checks"][k] is None for k in model_checks)  # no model sets declared, no model names: not checkable
+    assert all(v for k, v in m["checks"].items() if k not in model_checks)
+
+
+def test_jsonl_model_check_reads_the_model_names_of_the_rows(tmp_path):
+    """--source jsonl declares no M_train / M_valid: a response-OOD file whose models also wrote the training pairs
+    fails m_train_and_m_valid_disjoint (a warning), instead of every model check passing on empty sets."""
+    def write(path, objs):
+        path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+        return str(path)
+
+    train = write(tmp_path / "t.jsonl", [{"prompt": "p1", "chosen": "a", "rejected": "b", "chosen_model": "gpt-4",
+                                          "rejected_model": "llama"}])
+    ood = write(tmp_path / "r.jsonl", [{"prompt": "p1", "responses": ["x", "y"], "gold_scores": [1, 2],
+                                        "models": ["gpt-4", "llama"]}])
+    m = md.main(["--source", "jsonl", "--train-file", train, "--response-ood-file", ood, "--out", str(tmp_path / "o")])
+    assert m["checks"]["m_train_and_m_valid_disjoint"] is False
+    ood = write(tmp_path / "r.jsonl", [{"prompt": "p1", "responses": ["x", "y"], "gold_scores": [1, 2],
+                                        "models": ["new-a", "new-b"]}])
+    m = md.main(["--source", "jsonl", "--train-file", train, "--response-ood-file", ood, "--out", str(tmp_path / "o2")])
+    assert m["checks"]["m_train_and_m_valid_disjoint"] is True
 
 
 @pytest.mark.parametrize("objs,match", [

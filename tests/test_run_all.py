@@ -12,9 +12,9 @@ import eval_rm
 
 
 def run_all(runs, env=None):
-    full = fault_env({**os.environ, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable,
+    outer = {k: v for k, v in os.environ.items() if k != "RESULTS"}
+    full = fault_env({**outer, "PRESET": "smoke", "RUNS": str(runs), "PYTHON": sys.executable,
                       "OMP_NUM_THREADS": "1", **(env or {})})
-    full.pop("RESULTS", None)
     # an earlier in-process test (eval_rm.main, ...) left this pytest process's torch.distributed settings in
     # os.environ, its store still listening on MASTER_PORT: a stage must start its own world, as from a shell
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -73,12 +73,18 @@ def test_run_all_smoke_chain_stops_on_failure_continues_and_skips(tmp_path):
         assert os.path.getsize(results / fig) > 10000, fig
     assert f"Report: {results}/report.md" in done.stdout
 
-    # 3. a third run finds every output and skips every stage
+    # 3. a third run finds every output and skips every stage but the evaluation, which reads its score cache
     again = run_all(runs)
     assert again.returncode == 0
-    for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "rloo bt", "rloo bsr", "eval"):
+    for stage in ("data", "sft", "rm bt seed 1", "rm bsr seed 1", "rloo bt", "rloo bsr"):
         assert f"[run_all] {stage}: done" in again.stdout, stage
+    assert "[run_all] eval: done" not in again.stdout and again.stdout.count("model not loaded") == 2
     assert json.load(open(results / "report.json")) == report
+
+    # 4. more seeds: the new RMs are trained and the report covers them (an old report.json is no "done" mark)
+    more = run_all(runs, {"SEEDS": "1 2", "LOSSES": "bt"})
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert sorted(json.load(open(results / "report.json"))["models"]) == ["bt/seed1", "bt/seed2"]
 
 
 def dry_run_commands(runs, **env):
@@ -122,6 +128,8 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
             assert lams == ["1e-2", "1e-3", "1e-4"]
             outs = [a[a.index("--out") + 1] for s, a in commands if s == "train_rm"]
             assert len(outs) == 7 and len(set(outs)) == 7  # bt + 3 lambdas each of bsr and center, one folder each
+            rloo_rm = [a[a.index("--reward-model") + 1] for s, a in commands if s == "rloo"]
+            assert [os.path.relpath(p, runs) for p in rloo_rm] == ["rm/bt/seed1", "rm/bsr_lam1e-3/seed1"]
             report = [a for s, a in commands if s == "eval_rm"][-1]
             assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
 
@@ -196,3 +204,35 @@ def test_smol_preset_commands_parse_and_chain_the_converted_model(tmp_path):
     assert flag(commands[0][1], "--out") == str(other) and flag(commands[2][1], "--model") == str(other)
     assert all("--rm-bench" not in a for s, a in commands if s == "eval_rm")
     assert all("--vllm" not in a for s, a in commands if s == "rloo")
+
+
+def test_dry_run_picks_the_rloo_reward_model_as_the_real_run_does_and_installs_nothing(tmp_path):
+    """BSR's policy: lambda 1e-3 when LAMS holds it, else LAMS's first, in the dry run as in the real one (its folder
+    exists there); a dry run calls no Python at all (no pip install)."""
+    runs = tmp_path / "toy"
+    commands = dry_run_commands(runs, LAMS="1e-2 1e-1")
+    assert [a[a.index("--reward-model") + 1] for s, a in commands if s == "rloo"] == [
+        str(runs / "rm/bt/seed1"), str(runs / "rm/bsr_lam1e-2/seed1")]
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexit 1\n")
+    stub.chmod(0o755)
+    proc = run_all(runs, {"DRY_RUN": "1", "PYTHON": str(stub)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not log.exists()
+
+
+def test_force_deletes_only_a_folder_its_stage_wrote(tmp_path):
+    """FORCE=1 redoes a stage by deleting its folder first: never a folder that stage did not write (RESULTS pointed
+    at one's own folder, say); a folder holding its stage's .written_by mark is accepted."""
+    runs, mine = tmp_path / "toy", tmp_path / "mypaper"
+    mine.mkdir()
+    (mine / "draft.tex").write_text("months of work")
+    proc = run_all(runs, {"DRY_RUN": "1", "FORCE": "1", "RESULTS": str(mine)})
+    assert proc.returncode == 1
+    assert f"FORCE=1: {mine} was not written by eval_rm.py (its .written_by names 'nothing'); not deleting" in proc.stderr
+    assert (mine / "draft.tex").read_text() == "months of work"
+    (mine / ".written_by").write_text(json.dumps({"stage": "eval_rm.py"}, indent=2))
+    proc = run_all(runs, {"DRY_RUN": "1", "FORCE": "1", "RESULTS": str(mine)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (mine / "draft.tex").exists()  # a dry run deletes nothing

@@ -74,6 +74,34 @@ def test_make_data_removes_its_own_stale_tmp_folder_only(tmp_path):
     (foreign / "x").write_text("not ours")
     md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(tmp_path / "out")])
     assert not ours.exists() and (foreign / "x").read_text() == "not ours"
+    # a crash between atomic_path's two renames: --out moved to its backup, the new one not yet in place
+    backup = tmp_path / f"out.old-{pid}"
+    os.replace(tmp_path / "out", backup)
+    (tmp_path / "out.old").mkdir()  # someone's own backup of that name is no leftover of ours
+    (tmp_path / "out.old" / "notes.txt").write_text("mine")
+    md.remove_stale_tmp(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "train.jsonl").exists() and not backup.exists()  # put back
+    md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(tmp_path / "out")])  # replaces out in place
+    assert (tmp_path / "out.old" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out", "out.old", f"out.tmp-{pid + 1}", "pairs.jsonl"]
+
+
+def test_make_data_new_models_are_inputs_and_need_distinct_names(tmp_path):
+    """A local --new-models folder inside --out would be read, then deleted with the old --out; two folders of one
+    name would write one model's name on both models' responses: both refused before anything runs."""
+    pairs = write_pairs(str(tmp_path / "pairs.jsonl"), 6)
+    out = tmp_path / "out"
+    md.main(["--source", "jsonl", "--train-file", pairs, "--out", str(out)])
+    (out / "base").mkdir()
+    (out / "base" / "config.json").write_text("{}")
+    (tmp_path / "a" / "final").mkdir(parents=True)
+    (tmp_path / "b" / "final").mkdir(parents=True)
+    uf = ["--source", "ultrafeedback", "--dataset", pairs, "--gold-model", "org/gold"]
+    with pytest.raises(SystemExit, match=f"--out {out} contains the input --new-models {out}/base"):
+        md.main(uf + ["--new-models", f"{out}/base,org/x", "--out", str(out)])
+    assert (out / "base" / "config.json").exists()
+    with pytest.raises(SystemExit, match=r"--new-models: .*a/final and .*b/final are both named 'final'"):
+        md.main(uf + ["--new-models", f"{tmp_path}/a/final,{tmp_path}/b/final", "--out", str(tmp_path / "o2")])
 
 
 def test_claim_out_dir_rules(tmp_path, tiny_llama):
@@ -376,13 +404,17 @@ def test_nan_loss_without_any_saved_state_does_not_point_at_a_missing_resume_fol
 def test_remove_leftovers_takes_only_our_dead_temporaries(tmp_path):
     pid = dead_pid()
     for d in (f"epoch-1.tmp-{pid}", "resume/.tmp-step-00000004", "epoch-2.old", "epoch-3.old", "epoch-3",
-              f"epoch-4.tmp-{os.getpid()}", "my.tmp", "resume/step-00000002"):
+              f"epoch-4.tmp-{os.getpid()}", "my.tmp", "resume/step-00000002", f"epoch-5.old-{pid}",
+              f"epoch-6.old-{pid}", "epoch-6", f"epoch-7.old-{os.getpid()}", "mine.old"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "epoch-2.old" / "model.safetensors").write_text("the only complete copy")
+    (tmp_path / f"epoch-5.old-{pid}" / "model.safetensors").write_text("the only complete copy")
     (tmp_path / f"metrics.jsonl.tmp-{pid}").write_text("{")
     checkpoint.remove_leftovers(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["epoch-2", "epoch-3", f"epoch-4.tmp-{os.getpid()}", "my.tmp", "resume"]
-    assert (tmp_path / "epoch-2" / "model.safetensors").read_text() == "the only complete copy"  # put back
+    assert sorted(os.listdir(tmp_path)) == ["epoch-2", "epoch-3", f"epoch-4.tmp-{os.getpid()}", "epoch-5", "epoch-6",
+                                            f"epoch-7.old-{os.getpid()}", "mine.old", "my.tmp", "resume"]
+    for put_back in ("epoch-2", "epoch-5"):
+        assert (tmp_path / put_back / "model.safetensors").read_text() == "the only complete copy"
     assert os.listdir(tmp_path / "resume") == ["step-00000002"]
 
 

@@ -104,6 +104,9 @@ def test_sft_run_outputs_a_checkpoint_the_next_stages_load(sft_run):
     base, data, out, proc = sft_run
     assert "skipped 1 rows (no non-empty assistant turn)" in proc.stdout
     assert "[data] --eval-file is the training data itself" in proc.stdout  # --eval-file = --train-file, said
+    # 48 usable rows, global batch 16: none past the last full batch, and said so
+    assert "0 conversations/epoch past the last full global batch" in proc.stdout
+    assert json.load(open(os.path.join(out, "sft_config.json")))["conversations_past_last_batch_per_epoch"] == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     base_model = AutoModelForCausalLM.from_pretrained(base)
     moved = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), base_model.parameters()))
@@ -158,6 +161,27 @@ def test_bad_rows_name_file_line_and_field(tmp_path, tiny_llama):
         bad.write_text(good + "\n" + json.dumps(row) + "\n")
         with pytest.raises(utils.DataError, match=rf"{bad}:2: .*{message}".replace("[", r"\[").replace("]", r"\]")):
             sft.load_conversations(str(bad), "train", tok, 2048, False, False)
+
+
+def test_rows_the_assistant_mask_cannot_handle_are_skipped_or_named(tmp_path, tiny_llama):
+    """A conversation opening with an assistant turn has no rendered prefix to locate that turn after (its template
+    header would be trained): a counted skip. A row the chat template refuses to render is file:line, not a
+    traceback from jinja2."""
+    tok = utils.load_tokenizer(tiny_llama)
+    rows = tmp_path / "rows.jsonl"
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    opens = {"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    rows.write_text("\n".join(json.dumps(r) for r in (good, opens, good)) + "\n")
+    convs, skipped = sft.load_conversations(str(rows), "train", tok, 2048, False, False)
+    assert len(convs) == 2 and skipped == {"an assistant turn before any user turn": 1}
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                         "{{ raise_exception('system only first') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    late_system = {"messages": good["messages"] + [{"role": "system", "content": "s"}]}
+    rows.write_text(json.dumps(good) + "\n" + json.dumps(late_system) + "\n")
+    with pytest.raises(utils.DataError, match=rf"{rows}:2: field 'messages': the chat template cannot render this "
+                                              r"conversation \(.*system only first\)"):
+        sft.load_conversations(str(rows), "train", tok, 2048, False, False)
 
 
 def test_killed_sft_run_resumes_to_the_same_end(sft_run, tmp_path):

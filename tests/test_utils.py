@@ -361,6 +361,13 @@ def test_atomic_path_keeps_the_old_copy_when_writing_fails(tmp_path):
             (open(os.path.join(tmp, "a"), "w")).write("new")
             raise RuntimeError("crash while saving")
     assert (final / "a").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    (tmp_path / "ckpt.old").mkdir()  # someone's own backup beside it: replacing ckpt must not touch it
+    (tmp_path / "ckpt.old" / "notes.txt").write_text("backup")
+    with checkpoint.atomic_path(str(final)) as tmp:
+        os.makedirs(tmp)
+        (open(os.path.join(tmp, "a"), "w")).write("new")
+    assert (final / "a").read_text() == "new" and (tmp_path / "ckpt.old" / "notes.txt").read_text() == "backup"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "ckpt.old"]
 
 
 def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
