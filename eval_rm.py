@@ -282,8 +282,9 @@ def load_pair_set(name, path, max_pairs=None, seed=0, split="train"):
         if parsed[0] == "skip":
             s.skip(parsed[1])
             continue
-        gold, s.has_gold = [1.0, 0.0], s.has_gold and row.get("chosen_score") is not None
-        if row.get("chosen_score") is not None and row.get("rejected_score") is not None:
+        scored = row.get("chosen_score") is not None and row.get("rejected_score") is not None
+        gold, s.has_gold = [1.0, 0.0], s.has_gold and scored  # [1, 0]: the label alone, no gold scale
+        if scored:
             gold = [finite_number(row[f], where, f) for f in ("chosen_score", "rejected_score")]
             if gold[0] == gold[1]:
                 s.skip("chosen_score == rejected_score (no preference)")

@@ -221,6 +221,10 @@ def test_loaders_bad_input(tmp_path):
                                          {"prompt": "p", "chosen": "a"}])
     with pytest.raises(DataError, match=r"p\.jsonl:2: missing field 'rejected'"):
         eval_rm.load_pair_set("id", path)
+    scored = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 2.0, "rejected_score": 1.0}
+    assert eval_rm.load_pair_set("id", _write(tmp_path / "p.jsonl", [scored, dict(scored, prompt="q")])).has_gold
+    half = dict(scored, prompt="q", rejected_score=None)  # a label without both scores: no gold scale for the set
+    assert not eval_rm.load_pair_set("id", _write(tmp_path / "p.jsonl", [scored, half])).has_gold
     bench = tmp_path / "chat_filtered.json"
     bench.write_text(json.dumps([{"prompt": "p", "chosen": ["a", "b", "c"], "rejected": ["d", "e", "f"]},
                                  {"prompt": "p", "chosen": ["a", "b"], "rejected": ["d", "e", "f"]}]))
