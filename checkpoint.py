@@ -435,8 +435,8 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
         if not path or not os.path.exists(path):
             continue
         other = os.path.realpath(path)
-        how = ("is" if real == other else "is inside" if _within(real, other) else
-               "contains" if _within(other, real) else None)
+        how = ("is" if real == other else "is inside" if within(real, other) else
+               "contains" if within(other, real) else None)
         if how:
             raise SystemExit(f"--out {out} {how} the input {flag} {path}; a stage never writes into (or replaces) "
                              "its own inputs: choose another --out")
@@ -463,7 +463,8 @@ def claim_out_dir(out, stage, inputs=(), legacy=None, create=True, resume=None):
         utils.barrier()
 
 
-def _within(path, folder):
+def within(path, folder):
+    """path is folder or lies inside it (both real paths)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 

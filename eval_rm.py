@@ -683,6 +683,11 @@ def main(argv=None):
     inputs += [("--rloo", x.partition("=")[2]) for x in args.rloo or []]
     checkpoint.claim_out_dir(args.out, "eval_rm.py", inputs, legacy=("eval_config.json", ("args", "models")),
                              create=False)
+    for flag, path in inputs if args.cache_dir else ():  # cache files in a model or data folder would change it
+        if path and os.path.exists(path) and checkpoint.within(os.path.realpath(args.cache_dir),
+                                                               os.path.realpath(path)):
+            raise SystemExit(f"--cache-dir {args.cache_dir} is inside the input {flag} {path}; a stage never writes "
+                             "into its inputs: choose another --cache-dir")
     utils.quiet_libraries()
     _, world, _, device = utils.init_distributed()
     checkpoint.claim_out_dir(args.out, "eval_rm.py", legacy=("eval_config.json", ("args", "models")))

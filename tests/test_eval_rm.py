@@ -571,3 +571,15 @@ def test_repeated_model_labels_all_differ():
                                                                                   "bt/seed1#3"]
     names = ["a", "a#2", "a", "a"]  # a --name that is already a repeat's label is not handed out twice
     assert eval_rm.unique_labels(argparse.Namespace(name=names, model=models + ["w"])) == ["a", "a#2", "a#3", "a#4"]
+
+
+def test_cache_dir_inside_a_model_folder_is_refused(tmp_path):
+    """Score files written into a --model folder would change that model folder (and its fingerprint): refused
+    before anything is loaded or written."""
+    model = tmp_path / "rm"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"--cache-dir {model}/cache is inside the input --model {model}"):
+        eval_rm.main(["--model", str(model), "--pairs", f"hh={tmp_path}/hh.jsonl", "--cache-dir", str(model / "cache"),
+                      "--out", str(tmp_path / "out")])
+    assert os.listdir(model) == ["config.json"] and not (tmp_path / "out").exists()
