@@ -276,8 +276,11 @@ def source_alpaca_eval(args, skipped):
             instruction, output = string_field(rec, "instruction", where), rec.get("output_2")
             if not isinstance(output, str):
                 raise DataError(f"{where}: field 'output_2' must be a string, got {type(output).__name__}")
+            if rec.get("preference") is None:  # the annotator's call failed (AlpacaEval writes null)
+                count_skip(skipped, "source", "preference is null (annotation failed)")
+                continue
             try:
-                preference = float(rec.get("preference"))
+                preference = float(rec["preference"])
             except (TypeError, ValueError):
                 raise DataError(f"{where}: field 'preference' must be a number, "
                                 f"got {rec.get('preference')!r}") from None

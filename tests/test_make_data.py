@@ -1,5 +1,6 @@
 """make_data.py: the toy world, the four-scenario construction, real-source paths on local fixtures, bad input."""
 
+import glob
 import json
 import os
 import subprocess
@@ -358,6 +359,17 @@ def test_alpaca_eval_path(tmp_path):
     with pytest.raises(SystemExit, match=r"--valid-models: unknown model\(s\) \['gpt-5'\].*claude-2"):
         md.main(["--source", "alpaca_eval", "--alpaca-eval-dir", str(tmp_path / "ae"), "--out", out2,
                  "--valid-models", "gpt-5,claude-2"])
+
+
+def test_alpaca_eval_failed_annotation_is_a_counted_skip(tmp_path):
+    """A record whose annotator call failed carries preference null: skipped and counted, the run goes on."""
+    write_alpaca_eval(str(tmp_path / "ae"))
+    path = next(p for p in glob.glob(str(tmp_path / "ae" / "**" / "annotations.json"), recursive=True))
+    recs = json.load(open(path))
+    recs[0]["preference"] = None
+    json.dump(recs, open(path, "w"))
+    m = md.main(["--source", "alpaca_eval", "--alpaca-eval-dir", str(tmp_path / "ae"), "--out", str(tmp_path / "o")])
+    assert m["skipped"]["source"]["preference is null (annotation failed)"] == 1
 
 
 def test_real_alpaca_eval_layout_when_present(tmp_path):
