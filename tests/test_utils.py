@@ -143,6 +143,9 @@ def test_truncation_keeps_bos_and_the_end_of_the_response(models):
     assert utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten", 10) is None
     cut = utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten", 10, truncate=True)
     assert cut == [tok.bos_token_id] + full[-9:]
+    for n in (1, 2):  # the smallest budgets: BOS alone, BOS + the last token (never longer than asked)
+        cut = utils.encode_prompt_response(tok, "one two three four five", "six seven eight nine ten", n, True)
+        assert cut == [tok.bos_token_id] + full[len(full) - n + 1:] and len(cut) == n
 
 
 def test_head_init_is_paper_normal_and_bert_bias_is_zero_and_frozen(models):
@@ -264,6 +267,13 @@ def test_invalid_utf8_names_file_and_line_and_a_bom_is_read(models, tmp_path):
         f.write(good + b"\n" + bad + b"\n")
     with pytest.raises(utils.DataError, match=r"t\.jsonl\.gz:2: invalid UTF-8"):
         load_pairs(str(tmp_path / "t.jsonl.gz"), "train", tok, 512, False)
+    whole = (tmp_path / "t.jsonl.gz").read_bytes()
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])  # an interrupted download
+    (tmp_path / "plain.jsonl.gz").write_bytes(good + b"\n")  # named .gz, not gzip
+    (tmp_path / "cut.json.gz").write_bytes(whole[:10])
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz", "cut.json.gz"):
+        with pytest.raises(utils.DataError, match=rf"{name}(:\d+)?: not a complete gzip file"):
+            list(utils.iter_rows(str(tmp_path / name)))
 
 
 HH_PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three plus three?"
