@@ -647,7 +647,8 @@ def main(argv=None):
     start_step, run_config = start_or_resume(run, resume_dir, saved_config, {
         "args": vars(args), "world_size": world, "grad_accum": grad_accum, "bf16": bf16,
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "prompts": len(prompts),
-        "prompts_past_last_batch_per_epoch": unused, "gold_prompts": len(gold_prompts), "skipped": skipped, "stop_token_ids": sorted(stop_ids),
+        "prompts_past_last_batch_per_epoch": unused, "gold_prompts": len(gold_prompts), "skipped": skipped,
+        "stop_token_ids": sorted(stop_ids),
         "data_fingerprints": data_fingerprints, "ds_config": ds_config})
     if args.resume:
         print0(f"[resume] at step {start_step}/{total_steps}")

@@ -379,9 +379,9 @@ def main(argv=None):
     total_steps = steps_per_epoch * args.epochs
     unused = len(convs) % args.global_batch_size
     print0(f"[data] {len(convs)} train conversations ({sum(sum(m) for _, m in convs)} assistant tokens), "
-           f"{len(eval_convs)} eval; {steps_per_epoch} steps/epoch x {args.epochs} epochs; {unused} conversations/epoch "
-           "past the last full global batch wait for the next shuffle" + (" (unused: one epoch)" if unused and
-                                                                          args.epochs == 1 else ""))
+           f"{len(eval_convs)} eval; {steps_per_epoch} steps/epoch x {args.epochs} epochs; {unused} "
+           "conversations/epoch past the last full global batch wait for the next shuffle"
+           + (" (unused: one epoch)" if unused and args.epochs == 1 else ""))
     print0(f"[batch] global {args.global_batch_size} = micro {micro_batch} x world {world} x "
            f"accumulation {grad_accum}")
 

@@ -278,7 +278,8 @@ def iter_rows(source, split="train"):
         try:
             rows = load_dataset(source, split=split)
         except (ValueError, OSError) as e:  # an unknown split; no such dataset, or no hub access
-            raise DataError(f"{source}[{split}]: cannot load it as a dataset ({str(e).splitlines()[0][:200]})") from None
+            reason = str(e).splitlines()[0][:200]
+            raise DataError(f"{source}[{split}]: cannot load it as a dataset ({reason})") from None
         for i, row in enumerate(rows):
             yield f"{source}[{split}] row {i}", row
 
