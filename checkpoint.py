@@ -244,7 +244,9 @@ def save_train_state(engine, resume_dir, step):
     with no_room_is_one_line(resume_dir, partial=tmp):
         engine.save_checkpoint(tmp, tag="ds", save_latest=False)
         save_rng_state(tmp, torch.distributed.get_rank())
-        fsync_tree(tmp)  # every rank flushes what it wrote (on a shared filesystem only the writer's flush counts)
+    torch.distributed.barrier()  # every rank has written all of its files (no temporary of a rank is left to vanish)
+    with no_room_is_one_line(resume_dir, partial=tmp):  # a full disk can surface only at the flush
+        fsync_tree(tmp)  # on every rank: on a shared filesystem only the writer's flush counts
     torch.distributed.barrier()
     if utils.is_rank0():
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step})
