@@ -174,8 +174,10 @@ def stop_token_ids(tokenizer, policy):
     """The ids that end a response: eos, the chat template's end-of-turn token, and the eos ids of the policy's
     generation_config.json (sft.py writes eos + end-of-turn there)."""
     stop_ids = set(utils.turn_end_ids(tokenizer)) | {tokenizer.eos_token_id}
-    eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id if os.path.exists(
-        os.path.join(policy, "generation_config.json")) else None
+    try:  # a local folder or a hub id (Llama-3 lists <|eot_id|> and <|end_of_text|> there)
+        eos_cfg = GenerationConfig.from_pretrained(policy).eos_token_id
+    except OSError:  # no generation_config.json
+        eos_cfg = None
     return stop_ids | set(id_list(eos_cfg))
 
 

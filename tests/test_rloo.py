@@ -186,6 +186,22 @@ def test_gold_model_batches_pad_with_the_models_own_pad_id(tmp_path, tiny_llama)
     assert batched == pytest.approx(rloo.gold_model_scores(run, prompts, texts), abs=1e-5)
 
 
+def test_stop_tokens_include_the_policys_generation_config_eos_local_or_hub(tmp_path, tiny_llama, monkeypatch):
+    """eos, the template's end of turn, and generation_config.json's eos ids: read for a hub id too (Llama-3 lists a
+    second eos there), and no error where a model ships no generation_config.json."""
+    from transformers import GenerationConfig
+
+    tok = utils.load_tokenizer(tiny_llama)
+    base = {tok.eos_token_id} | set(utils.turn_end_ids(tok))
+    assert generation.stop_token_ids(tok, str(tmp_path)) == base  # a folder without generation_config.json
+    GenerationConfig(eos_token_id=[7, 9]).save_pretrained(tmp_path)
+    assert generation.stop_token_ids(tok, str(tmp_path)) == base | {7, 9}
+    real = GenerationConfig.from_pretrained
+    monkeypatch.setattr(generation.GenerationConfig, "from_pretrained",
+                        lambda name, **kw: real(str(tmp_path)) if name == "org/policy" else real(name, **kw))
+    assert generation.stop_token_ids(tok, "org/policy") == base | {7, 9}
+
+
 def test_left_padded_generation_matches_one_at_a_time(tiny_llama):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
