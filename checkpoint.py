@@ -347,6 +347,24 @@ def fingerprint(path):
     return h.hexdigest()
 
 
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".py")
+
+
+def model_fingerprint(path):
+    """A local model folder's top-level model files (weights, config, tokenizer) by name, size and modification time,
+    None for a hub id: --resume refuses a model saved anew in place. Hashing the weights' contents would take minutes
+    for a large model; subfolders and logs (a finished run's resume/, metrics.jsonl) are not the model."""
+    if not path or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not name.startswith(".") and name.endswith(MODEL_FILE_SUFFIXES) and os.path.isfile(full):
+            st = os.stat(full)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "files:" + h.hexdigest()
+
+
 # Flags that never change a training result, so --resume accepts new values; every other flag must match the run.
 RESUME_MAY_CHANGE = ("resume", "out", "save_steps", "local_rank", "zero_stage", "ds_config", "gradient_checkpointing")
 
@@ -373,10 +391,11 @@ def check_resume(config_path, args, world_size, ds_config, may_change=(), finger
                "cannot be checked for changes")
         fingerprints = {}
     for key, value in (fingerprints or {}).items():
-        if saved["data_fingerprints"].get(key) != value:
+        if key in saved["data_fingerprints"] and saved["data_fingerprints"][key] != value:  # (older runs: no models)
+            what = ("a model file's size or modification time differs: it was saved anew" if str(value).startswith(
+                "files:") else "its sha256 differs; resuming would mix two data sets")
             raise SystemExit(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} changed since the run in "
-                             f"{where} started (its sha256 differs); resuming would mix two data sets. Restore the "
-                             "file, or start a new run with another --out")
+                             f"{where} started ({what}). Restore it, or start a new run with another --out")
     stage = saved["ds_config"].get("zero_optimization", {}).get("stage")
     if saved["world_size"] != world_size or stage != ds_config.get("zero_optimization", {}).get("stage"):
         raise SystemExit(f"--resume: the saved state is ZeRO stage {stage} on {saved['world_size']} processes; "

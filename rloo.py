@@ -17,7 +17,8 @@ the SFT and RLOO policies). RLOO: Ahmadian et al. 2024.
     # continue after a crash or kill
     python rloo.py ...same flags... --resume
 
---resume refuses any flag that differs from the run's (and a --prompts / --gold-prompts file whose content changed)
+--resume refuses any flag that differs from the run's (and a --prompts / --gold-prompts file whose content changed,
+a --policy / --reward-model / --gold-model folder saved anew)
 except --save-steps, --gold-every, --gold-batch-size, --rm-batch-size, --vllm-gpu-memory-utilization,
 --gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed config must be the same). --out must be a
 new folder or one rloo.py wrote (never an input model or data folder). --reward-model must be a trained reward
@@ -628,7 +629,9 @@ def main(argv=None):
         max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size, zero_stage=args.zero_stage,
         world_size=world)
     data_fingerprints = {"prompts": checkpoint.fingerprint(args.prompts),
-                         "gold_prompts": checkpoint.fingerprint(args.gold_prompts)}
+                         "gold_prompts": checkpoint.fingerprint(args.gold_prompts),
+                         **{key: checkpoint.model_fingerprint(getattr(args, key))
+                            for key in ("policy", "reward_model", "gold_model")}}
     saved_config = None
     if args.resume:  # before the models load: a refused resume costs seconds
         saved_config = checkpoint.check_resume(os.path.join(args.out, "rloo_config.json"), args, world, ds_config,

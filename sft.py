@@ -16,7 +16,8 @@ end-of-turn marker), averaged over all assistant tokens of the global batch.
     # continue after a crash or kill
     python sft.py ...same flags... --resume
 
---resume refuses any flag that differs from the run's (and a --train-file / --eval-file whose content changed)
+--resume refuses any flag that differs from the run's (and a --train-file / --eval-file whose content changed, a
+--model folder saved anew)
 except --save-steps, --eval-batch-size, --gradient-checkpointing, --zero-stage / --ds-config (the filled DeepSpeed
 config must be the same). --out must be a new folder or one sft.py wrote (never the --model or data folder).
 
@@ -392,7 +393,8 @@ def main(argv=None):
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
     data_fingerprints = {"train_file": checkpoint.fingerprint(args.train_file),
-                         "eval_file": checkpoint.fingerprint(args.eval_file)}
+                         "eval_file": checkpoint.fingerprint(args.eval_file),
+                         "model": checkpoint.model_fingerprint(args.model)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = checkpoint.check_resume(os.path.join(args.out, "sft_config.json"), args, world, ds_config,

@@ -13,7 +13,8 @@ Hong et al., "On the Robustness of Reward Models for Language Model Alignment" (
     # continue after a crash or kill
     python train_rm.py ...same flags... --resume
 
---resume refuses a changed flag or --train-file / --eval-file content, except what changes no trained weight:
+--resume refuses a changed flag, --train-file / --eval-file content or --model folder (saved anew), except what
+changes no trained weight:
 --save-steps, --eval-batch-size, --norm-stats-pairs, --max-tokens-per-forward, --gradient-checkpointing, --zero-stage /
 --ds-config (the filled DeepSpeed config must be the same). --out, a new folder or one train_rm.py wrote, receives the
 final HF checkpoint (AutoModelForSequenceClassification.from_pretrained(out)), train_config.json, metrics.jsonl (per
@@ -580,7 +581,8 @@ def main(argv=None):
         grad_accum=grad_accum, max_grad_norm=args.max_grad_norm, bf16=bf16, hidden_size=hidden_size,
         zero_stage=args.zero_stage, world_size=world)
     data_fingerprints = {"train_file": checkpoint.fingerprint(args.train_file),
-                         "eval_file": checkpoint.fingerprint(args.eval_file)}
+                         "eval_file": checkpoint.fingerprint(args.eval_file),
+                         "model": checkpoint.model_fingerprint(args.model)}
     saved_config = None
     if args.resume:  # before the model loads: a refused resume costs seconds
         saved_config = checkpoint.check_resume(os.path.join(args.out, "train_config.json"), args, world, ds_config,

@@ -251,6 +251,33 @@ def test_fingerprint_follows_content(tmp_path):
     checkpoint.check_resume(str(cfg), args, 1, {}, (), {"train_file": first})
 
 
+def test_resume_refuses_a_model_saved_anew_in_place(tmp_path):
+    """--model (sft, train_rm) and --policy / --reward-model / --gold-model (rloo) are inputs of the result too: a
+    model saved again into the same folder is refused on --resume. Its fingerprint is the top-level model files'
+    names, sizes and modification times; logs and subfolders (a finished run's resume/) are not the model."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 10)
+    first = checkpoint.model_fingerprint(str(model))
+    (model / "metrics.jsonl").write_text("{}\n")
+    (model / "resume").mkdir()
+    assert checkpoint.model_fingerprint(str(model)) == first
+    assert checkpoint.model_fingerprint("org/hub-model") is None
+    cfg = tmp_path / "train_config.json"
+    args = argparse.Namespace(model=str(model))
+    cfg.write_text(json.dumps({"args": vars(args), "world_size": 1, "ds_config": {},
+                               "data_fingerprints": {"model": first}}))
+    checkpoint.check_resume(str(cfg), args, 1, {}, (), {"model": first})
+    os.utime(model / "model.safetensors", ns=(1, 1))  # saved anew (same size)
+    now = checkpoint.model_fingerprint(str(model))
+    with pytest.raises(SystemExit, match=r"--model .*/m changed since the run in .* started \(a model file's size or "
+                                         r"modification time differs: it was saved anew\)"):
+        checkpoint.check_resume(str(cfg), args, 1, {}, (), {"model": now})
+    cfg.write_text(json.dumps({"args": vars(args), "world_size": 1, "ds_config": {}, "data_fingerprints": {}}))
+    checkpoint.check_resume(str(cfg), args, 1, {}, (), {"model": now})  # an older run kept no model fingerprint
+
+
 RM_FLAGS = ["--micro-batch-size", "8", "--lr", "1e-3", "--global-batch-size", "8", "--epochs", "2", "--max-length",
             "128", "--seed", "0", "--save-steps", "2", "--norm-stats-pairs", "16", "--max-train-pairs", "32",
             "--warmup-ratio", "0.25"]
