@@ -220,8 +220,8 @@ for loss in bt bsr; do
 done
 
 # ------------------------------------------------------------------------------------------------- 5. evaluation and report
-# one evaluation of every RM, with the RLOO runs' tables and Figure 5. It runs every time (the scores are cached in
-# RUNS/eval_cache: seconds), so the report always covers this run's models, never an earlier run's
-stage eval "" "$RESULTS" -- "$PY" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
+# one evaluation of every RM, with the RLOO runs' tables and Figure 5, sharded over the training stages' processes. It
+# runs every time (the scores are cached in RUNS/eval_cache: seconds), so the report covers this run's models only
+stage eval "" "$RESULTS" -- "${LAUNCH[@]}" eval_rm.py "${EVAL_MODELS[@]}" --data-dir "$RUNS/data" \
   "${RM_BENCH_ARGS[@]}" "${EVAL_ARGS[@]}" "${RLOO_REPORT[@]}" --cache-dir "$RUNS/eval_cache" --out "$RESULTS"
 [[ "$DRY_RUN" == 1 ]] || echo "[run_all] done. Report: $RESULTS/report.md (report.json, plots in $RESULTS)"

@@ -206,6 +206,14 @@ def test_smol_preset_commands_parse_and_chain_the_converted_model(tmp_path):
     assert all("--vllm" not in a for s, a in commands if s == "rloo")
 
 
+def test_the_evaluation_runs_under_the_training_launcher(tmp_path):
+    """With GPUs the evaluation is sharded over them as training is (eval_rm.py splits the sequences over ranks)."""
+    proc = run_all(tmp_path / "toy", {"DRY_RUN": "1", "PRESET": "toy", "NUM_GPUS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [line for line in proc.stdout.splitlines() if "(dry run) eval:" in line]
+    assert len(evals) == 1 and evals[0].split("eval: ", 1)[1].startswith("deepspeed --num_gpus 2 eval_rm.py")
+
+
 def test_dry_run_picks_the_rloo_reward_model_as_the_real_run_does_and_installs_nothing(tmp_path):
     """BSR's policy: lambda 1e-3 when LAMS holds it, else LAMS's first, in the dry run as in the real one (its folder
     exists there); a dry run calls no Python at all (no pip install)."""
