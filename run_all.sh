@@ -17,7 +17,9 @@
 # RUNS/results), FORCE=1 (redo stages whose outputs exist; a folder is deleted only when its stage wrote it),
 # DRY_RUN=1 (print each stage's command, skip or --resume, run and install nothing), PYTHON; smol only: SMOL_MODEL
 # (the converted folder, default RUNS/smollm2; reused when it holds a finished conversion), RM_BENCH_SAMPLE (default
-# ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm).
+# ../shared/data/rm_bench/sample.json, used when present), VLLM=1 (--vllm); RL_DATA (the make_data.py folder whose
+# rl_prompts.jsonl / rl_eval_prompts.jsonl seed RLOO: default RUNS/data; skywork: runs/paper/data, as in the paper);
+# base models: SFT_BASE, RM_SFT_BASE (paper), RM_BASE (skywork).
 # Each stage writes its own folder under RUNS; a stage whose outputs exist is skipped (the evaluation always runs, from
 # its score cache), and a training stage that was interrupted resumes (--resume), so a rerun after a failure continues
 # where it stopped.
@@ -28,7 +30,11 @@ PY=${PYTHON:-python3}
 # ------------------------------------------------------------------------------------------------- install
 ensure_installed() {  # a fresh machine: CPU torch first (else pip pulls CUDA wheels), then the requirements
   if ! "$PY" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then "$PY" -m pip install -q torch; else "$PY" -m pip install -q torch==2.13.0; fi
+    if command -v nvidia-smi >/dev/null 2>&1; then "$PY" -m pip install -q torch
+    else  # PyTorch's CPU wheel index, as PyTorch documents it; offline, whatever CPU wheel the local pip setup serves
+      "$PY" -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1 \
+        || "$PY" -m pip install -q torch==2.13.0
+    fi
   fi
   "$PY" -c "import transformers, deepspeed, datasets, scipy, matplotlib, tqdm, accelerate" >/dev/null 2>&1 \
     || "$PY" -m pip install -q -r requirements.txt
@@ -116,9 +122,18 @@ case "$PRESET" in
     RLOO_ARGS=(--lr 1e-6 --epochs 5 --global-batch-size 128 --micro-batch-size 8 --max-new-tokens 1024 --vllm
                --gold-model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust-remote-code --gradient-checkpointing)
     SFT_BASE=${SFT_BASE:-Qwen/Qwen2.5-1.5B}; RM_BASE=${RM_BASE:-meta-llama/Llama-3.1-8B}; POLICY_BASE=$RUNS/sft
-    SFT_DATA=(--train-file allenai/tulu-3-sft-mixture); RM_BENCH_ARGS=(--rm-bench THU-KEG/RM-Bench) ;;
+    SFT_DATA=(--train-file allenai/tulu-3-sft-mixture); RM_BENCH_ARGS=(--rm-bench THU-KEG/RM-Bench)
+    RM_EVAL_ARGS=()  # Skywork-80K is a training set: make_data writes train.jsonl only
+    # the paper seeds this RLOO with UltraFeedback's X_valid prompts, i.e. PRESET=paper's data folder
+    RL_DATA=${RL_DATA:-runs/paper/data} ;;
   *) echo "unknown PRESET=$PRESET (toy, smoke, smol, paper, skywork)" >&2; exit 2 ;;
 esac
+RL_DATA=${RL_DATA:-$RUNS/data}  # rl_prompts.jsonl and rl_eval_prompts.jsonl for RLOO
+if [[ "$DRY_RUN" != 1 && "$RL_DATA" != "$RUNS/data" && ! -f "$RL_DATA/rl_prompts.jsonl" ]]; then
+  echo "[run_all] RLOO's prompts: no $RL_DATA/rl_prompts.jsonl. PRESET=$PRESET takes them from another data folder" \
+    "(for skywork, PRESET=paper's: run its data stage first, or point RL_DATA at a make_data.py folder)" >&2
+  exit 1
+fi
 if [[ -n "${RESULTS:-}" ]]; then :; elif [[ $PRESET == toy ]]; then RESULTS=results; else RESULTS=$RUNS/results; fi
 
 if [[ -n "$HOSTFILE" ]]; then LAUNCH=(deepspeed --hostfile "$HOSTFILE")
@@ -214,7 +229,7 @@ for loss in bt bsr; do
   rm_dir=$RUNS/rm/$name/seed$first_seed
   out=$RUNS/rloo/$loss
   stage "rloo $loss" "$out/summary.json" "$out" -- "${LAUNCH[@]}" rloo.py --policy "$POLICY_BASE" --reward-model "$rm_dir" \
-    --prompts "$RUNS/data/rl_prompts.jsonl" --gold-prompts "$RUNS/data/rl_eval_prompts.jsonl" --out "$out" \
+    --prompts "$RL_DATA/rl_prompts.jsonl" --gold-prompts "$RL_DATA/rl_eval_prompts.jsonl" --out "$out" \
     --seed "$first_seed" "${RLOO_ARGS[@]}"
   RLOO_REPORT+=(--rloo "pi_$loss=$out")
 done

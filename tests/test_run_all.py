@@ -130,6 +130,9 @@ def test_every_preset_command_parses_with_its_script(tmp_path):
             assert len(outs) == 7 and len(set(outs)) == 7  # bt + 3 lambdas each of bsr and center, one folder each
             rloo_rm = [a[a.index("--reward-model") + 1] for s, a in commands if s == "rloo"]
             assert [os.path.relpath(p, runs) for p in rloo_rm] == ["rm/bt/seed1", "rm/bsr_lam1e-3/seed1"]
+            assert all("--eval-file" not in a for s, a in commands if s == "train_rm")  # Skywork: train.jsonl only
+            assert {a[a.index("--prompts") + 1] for s, a in commands if s == "rloo"} == {
+                "runs/paper/data/rl_prompts.jsonl"}  # the paper seeds it with UltraFeedback's X_valid
             report = [a for s, a in commands if s == "eval_rm"][-1]
             assert report[report.index("--rm-bench") + 1] == "THU-KEG/RM-Bench"
 
@@ -228,6 +231,33 @@ def test_dry_run_picks_the_rloo_reward_model_as_the_real_run_does_and_installs_n
     proc = run_all(runs, {"DRY_RUN": "1", "PYTHON": str(stub)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not log.exists()
+
+
+def test_rloo_prompts_from_another_data_folder_must_exist_before_anything_runs(tmp_path):
+    """PRESET=skywork takes RLOO's prompts from PRESET=paper's data (RL_DATA): missing, it stops at once, not after
+    the reward models have trained; RL_DATA moves it."""
+    runs = tmp_path / "sky"
+    proc = run_all(runs, {"PRESET": "skywork", "RL_DATA": str(tmp_path / "none")})
+    assert proc.returncode == 1 and f"no {tmp_path}/none/rl_prompts.jsonl" in proc.stderr
+    assert not (runs / "data").exists()
+    commands = dry_run_commands(runs, PRESET="skywork", RL_DATA=str(tmp_path / "mine"))
+    assert {a[a.index("--gold-prompts") + 1] for s, a in commands if s == "rloo"} == {
+        str(tmp_path / "mine" / "rl_eval_prompts.jsonl")}
+
+
+def test_a_machine_without_torch_gets_the_cpu_build_from_pytorchs_index(tmp_path):
+    """run_all.sh on a fresh CPU machine: torch 2.13.0 from PyTorch's CPU wheel index (plain PyPI serves the CUDA
+    build), falling back to the local pip setup. A stub python records the calls (and fails them all)."""
+    log, stub = tmp_path / "calls.log", tmp_path / "python"
+    stub.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nexit 1\n")
+    stub.chmod(0o755)
+    env = {"PYTHON": str(stub), "PATH": f"{tmp_path}:/usr/bin:/bin"}  # no nvidia-smi on PATH
+    proc = run_all(tmp_path / "toy", env)
+    assert proc.returncode != 0
+    calls = log.read_text().splitlines()
+    assert calls[:3] == ["-c import torch",
+                         "-m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --retries 1",
+                         "-m pip install -q torch==2.13.0"]
 
 
 def test_force_deletes_only_a_folder_its_stage_wrote(tmp_path):
