@@ -271,7 +271,8 @@ def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_si
                       dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, seed=seed,
                       tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
                       needed=f"longest prompt {longest} + --max-new-tokens {sampling.max_new_tokens}")
-    outs = llm.generate([{"prompt_token_ids": p} for p in ids], vllm_sampling_params(sampling, seed, len(ids), n),
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids],
+                        vllm_sampling_params(sampling, seed, len(ids), n, stop_token_ids(tok, name)),
                         use_tqdm=utils.progress)
     texts = [[tok.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in outs]
     del llm  # free the engine's memory before the next model loads
@@ -283,15 +284,15 @@ def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_re
     """[[n texts] per conversation] from model `name` with transformers generate(), batch_size chats per call.
 
     The settings of chat_samples_vllm (hf_sampling_config): our temperature / top-p only, none of the sampling defaults
-    a model's generation_config.json may carry (top_k, repetition_penalty), stopping at the tokenizer's eos and the
-    generation config's eos ids (end-of-turn tokens), as vLLM does."""
+    a model's generation_config.json may carry (top_k, repetition_penalty), stopping where rloo.py's policy stops
+    (stop_token_ids: eos, the chat template's end-of-turn token, the generation config's eos ids), as vLLM does."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = utils.load_tokenizer(name)
     tok.padding_side = "left"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         trust_remote_code=trust_remote_code).to(device).eval()
-    eos = sorted({tok.eos_token_id} | set(id_list(model.generation_config.eos_token_id)))
+    eos = sorted(stop_token_ids(tok, name) | set(id_list(model.generation_config.eos_token_id)))
     model.generation_config = GenerationConfig()  # else generate() fills unset settings from it (e.g. its top_k)
     gen_config = hf_sampling_config(sampling, eos, tok.pad_token_id, n)
     torch.manual_seed(seed)

@@ -603,6 +603,38 @@ def test_new_model_sampling_takes_our_settings_and_the_models_stop_tokens(tmp_pa
     assert all(t in one_token for t in texts), texts  # each response stopped after its first token
 
 
+def test_new_model_sampling_also_stops_at_the_templates_end_of_turn(tmp_path, monkeypatch):
+    """A model whose chat template ends a turn with a special token that neither eos nor generation_config.json names
+    stops there too, on both engines, as rloo.py's sampling does (else it writes on into invented turns)."""
+    import types
+
+    path = str(tmp_path / "lm")
+    make_tiny_lm(path)
+    tok = generation.utils.load_tokenizer(path)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|system|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(path)
+    end_of_turn = tok.convert_tokens_to_ids("<|system|>")
+    assert generation.utils.turn_end_ids(tok) == [end_of_turn] and end_of_turn != tok.eos_token_id
+    seen = {}
+    real = generation.hf_sampling_config
+    monkeypatch.setattr(generation, "hf_sampling_config",
+                        lambda sampling, eos, *a, **k: seen.setdefault("hf", list(eos)) and real(sampling, eos, *a, **k))
+    sampling = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=3)
+    generation.chat_samples_hf(path, [[{"role": "user", "content": "hi"}]], 1, sampling, seed=0, batch_size=1)
+    assert end_of_turn in seen["hf"] and tok.eos_token_id in seen["hf"]
+    pytest.importorskip("vllm")
+
+    class Engine:  # the engine itself is tested in test_vllm.py; here only what chat_samples_vllm asks of it
+        def generate(self, prompts, params, use_tqdm=None):
+            seen["vllm"] = params
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[end_of_turn])]) for _ in prompts]
+
+    monkeypatch.setattr(generation, "vllm_engine", lambda *a, **k: Engine())
+    generation.chat_samples_vllm(path, [[{"role": "user", "content": "hi"}]], 1, sampling, seed=0)
+    assert set(seen["vllm"][0].stop_token_ids) >= {end_of_turn, tok.eos_token_id}
+
+
 def test_each_new_model_samples_with_its_own_seed(monkeypatch):
     """Every --new-models model gets its own seed, fixed by --seed and its name (one shared seed would feed all models
     the same random draws: alike texts from alike models)."""
