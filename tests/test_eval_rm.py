@@ -260,7 +260,7 @@ def test_rm_bench_native_folder_reads_its_files_with_the_domain_from_each_name(t
 HH_PREFIX = "\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three plus three?"
 
 
-def test_pairs_accuracy_interval_norms_and_length_bias_by_hand(tmp_path):
+def test_pairs_accuracy_interval_norms_and_length_bias_by_hand(tmp_path, capsys):
     rows = [{"chosen": HH_PREFIX + "\n\nAssistant: Six, as three plus three is six.",  # hh-rlhf: 32 vs 23 chars
              "rejected": HH_PREFIX + "\n\nAssistant: I would rather not say."},
             {"prompt": "q1", "chosen": "long answer here", "rejected": "no"},
@@ -290,9 +290,12 @@ def test_pairs_accuracy_interval_norms_and_length_bias_by_hand(tmp_path):
     assert m["length_corr/pairs/mine"] == pytest.approx(scipy.stats.spearmanr(rewards, s.lengths())[0])
     assert "erank/pairs/mine" not in m and m["erank/n_rows"] == args.erank_rows  # pairs sets do not cut erank rows
     assert eval_rm.longer_share(np.ones(3, bool), np.array([32, 16, 1]), np.array([23, 2, 17])) == pytest.approx(2 / 3)
-    for bad in (["--pairs", "mine"], ["--pairs", "a/b=f"], ["--pairs", "a=f", "--pairs", "a=g"]):
+    for bad, says in ((["--pairs", "mine"], "--pairs 'mine': expected NAME=FILE"),
+                      (["--pairs", "a/b=f"], "--pairs 'a/b=f': expected NAME=FILE"),
+                      (["--pairs", "a=f", "--pairs", "a=g"], "--pairs: the name 'a' is given twice")):
         with pytest.raises(SystemExit):
             eval_rm.parse_args(["--model", "m", "--out", "o"] + bad)
+        assert says in capsys.readouterr().err
 
 
 def test_model_without_head_is_refused(tmp_path, tiny_llama):
@@ -544,7 +547,7 @@ def test_seed_groups_mean_and_std_by_hand():
     assert mean_pm_std(groups["bsr"]["wp_norm"]) == "1.1000"  # one seed: no "± 0"
 
 
-def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
+def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path, capsys):
     folder = tmp_path / "rloo_bt"
     folder.mkdir()
     sft = {"step": 0, "gold_reward": 0.25, "gold_reward_sem": 0.05, "length_tokens": 20.0, "length_chars": 80.0}
@@ -562,6 +565,7 @@ def test_rloo_runs_enter_the_report_in_table3_layout(tmp_path):
     assert os.path.getsize(tmp_path / "fig5_rloo.png") > 10000
     with pytest.raises(SystemExit):
         eval_rm.parse_args(["--model", "m", "--data-dir", "d", "--out", "o", "--rloo", f"pi={tmp_path}"])
+    assert f"--rloo 'pi={tmp_path}': expected NAME=DIR with DIR/summary.json" in capsys.readouterr().err
 
 
 def test_repeated_model_labels_all_differ():

@@ -264,7 +264,7 @@ def world(tiny_llama, tiny_qwen2, tmp_path_factory):
     d = tmp_path_factory.mktemp("rloo")
     rm = build_rm(tiny_llama, str(d / "rm"), seed=5)
     gold = build_rm(tiny_qwen2, str(d / "gold"), seed=7)
-    prompts = write_prompts(str(d / "rl_prompts.jsonl"), 16, 0)
+    prompts = write_prompts(str(d / "rl_prompts.jsonl"), 18, 0)  # 4 a step: 4 steps, 2 wait for the next epoch
     gold_prompts = write_prompts(str(d / "rl_eval_prompts.jsonl"), 6, 1)
     args = ["rloo.py", "--policy", tiny_llama, "--reward-model", rm, "--prompts", prompts,
             "--gold-prompts", gold_prompts, "--global-batch-size", "8", "--micro-batch-size", "4", "--epochs", "1",
@@ -291,7 +291,7 @@ def test_rloo_steps_change_the_policy_and_log_every_key(world, full_run, tiny_ll
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert [r["step"] for r in golds] == [0, 2, 4]
     config = json.load(open(os.path.join(full_run, "rloo_config.json")))
-    assert (config["steps_per_epoch"], config["prompts_past_last_batch_per_epoch"]) == (4, 0)  # 16 prompts, 4 a step
+    assert (config["steps_per_epoch"], config["prompts_past_last_batch_per_epoch"]) == (4, 2)  # 18 prompts, 4 a step
     for r in train:
         assert set(r) == TRAIN_KEYS and all(v == v for v in r.values())  # every key, no NaN
     for r in golds:
@@ -364,13 +364,19 @@ def test_two_process_run_under_the_deepspeed_launcher(world):
 def test_gold_synthetic_uses_toy_world_gold_reward(world):
     from toy_world import gold_reward
 
+    from toy_world import make_prompts
+
     d, args, _ = world
     out = str(d / "synthetic")
-    run_script(args + ["--gold", "synthetic", "--out", out, "--gold-every", "4"])
+    toy = d / "toy_gold_prompts.jsonl"  # toy tasks, whose r* varies with the response (random words score ~0)
+    toy.write_text("".join(json.dumps({"prompt_id": f"t{i}", "prompt": p}) + "\n"
+                           for i, p in enumerate(make_prompts(6, seed=0))))
+    run_script(args + ["--gold", "synthetic", "--out", out, "--gold-every", "4", "--gold-prompts", str(toy)])
     samples = [json.loads(line) for line in open(os.path.join(out, "gold_samples.jsonl"))]
     assert len(samples) == 12
     for s in samples:
         assert s["gold_reward"] == pytest.approx(gold_reward(s["prompt"], s["response"]))
+    assert len({round(s["gold_reward"], 6) for s in samples}) > 1  # a constant scorer (all 0) would not pass
     golds = [r for r in read_metrics(out) if "gold/reward" in r]
     assert [r["step"] for r in golds] == [0, 4]
 

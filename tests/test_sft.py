@@ -104,9 +104,8 @@ def test_sft_run_outputs_a_checkpoint_the_next_stages_load(sft_run):
     base, data, out, proc = sft_run
     assert "skipped 1 rows (no non-empty assistant turn)" in proc.stdout
     assert "[data] --eval-file is the training data itself" in proc.stdout  # --eval-file = --train-file, said
-    # 48 usable rows, global batch 16: none past the last full batch, and said so
+    # 48 usable rows, global batch 16: none past the last full batch, and said so (a remainder: next test)
     assert "0 conversations/epoch past the last full global batch" in proc.stdout
-    assert json.load(open(os.path.join(out, "sft_config.json")))["conversations_past_last_batch_per_epoch"] == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     base_model = AutoModelForCausalLM.from_pretrained(base)
     moved = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), base_model.parameters()))
@@ -125,6 +124,19 @@ def test_sft_run_outputs_a_checkpoint_the_next_stages_load(sft_run):
     assert [r["epoch"] for r in evals] == [1, 2] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
     assert train[-1]["train/loss"] < train[0]["train/loss"]
     assert os.path.isdir(os.path.join(out, "epoch-1")) and os.path.isdir(os.path.join(out, "epoch-2"))
+
+
+def test_conversations_past_the_last_full_batch_are_said_and_recorded(tmp_path, tiny_llama):
+    """10 conversations in global batches of 4, one epoch: 2 steps, and the 2 left over are never trained: said on
+    the console and kept in sft_config.json, not dropped in silence."""
+    data = write_sft_data(str(tmp_path / "sft.jsonl"), 10)
+    out = str(tmp_path / "out")
+    proc = run_script(["sft.py", "--model", tiny_llama, "--train-file", data, "--out", out, "--global-batch-size", "4",
+                       "--micro-batch-size", "4", "--epochs", "1", "--save-steps", "0"])
+    assert "2 conversations/epoch past the last full global batch wait for the next shuffle (unused: one epoch)" in (
+        proc.stdout)
+    config = json.load(open(os.path.join(out, "sft_config.json")))
+    assert (config["total_steps"], config["conversations_past_last_batch_per_epoch"]) == (2, 2)
 
 
 def test_logged_loss_is_the_token_mean_over_the_global_batch(sft_run):

@@ -159,6 +159,8 @@ def test_head_init_is_paper_normal_and_bert_bias_is_zero_and_frozen(models):
 
     bert_tok = utils.load_tokenizer(_minilm_path())
     bert = utils.load_reward_model(_minilm_path(), bert_tok)
+    with torch.no_grad():
+        bert.classifier.bias.fill_(0.7)  # a fresh head's bias is already 0: the zeroing must be init_reward_head's
     init_reward_head(bert, seed=7)
     assert bert.classifier.bias.abs().sum().item() == 0 and not bert.classifier.bias.requires_grad
     # 384-dim head: ||Wp|| concentrates near 1, as the paper's Figure 1 assumes at init
