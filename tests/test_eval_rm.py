@@ -455,9 +455,12 @@ def test_two_processes_match_one(world):
     one = json.load(open(os.path.join(world["out"], "report.json")))["models"]["rm_bt"]
     two = json.load(open(os.path.join(out2, "report.json")))["models"]
     assert list(two) == ["rm_bt"]
+    assert two["rm_bt"].keys() == one.keys()
     for key, value in one.items():
         if isinstance(value, float):  # a skew of norms with std ~0.02 amplifies 1e-7 noise
             assert two["rm_bt"][key] == pytest.approx(value, rel=1e-4, abs=1e-2 if "skew" in key else 1e-5), key
+        else:  # counts (pairs, undefined taus, truncations, rows) and names: exactly
+            assert two["rm_bt"][key] == value, key
 
 
 def test_end_to_end_on_make_data_folder(tmp_path):
