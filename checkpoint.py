@@ -426,7 +426,7 @@ def last_good_state(out):
 
 
 OWNER_FILE = ".written_by"
-_LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")  # atomic_path's temporary and backup names
+LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")  # atomic_path's temporary and backup names
 
 
 def folder_owner(out):
@@ -510,14 +510,15 @@ def remove_leftovers(folder, recurse=("resume",)):
         return []
 
     def dead(name, kind):
-        m = _LEFTOVER.match(name)
-        return m is not None and m["kind"] == kind and not pid_alive(int(m["pid"]))
+        """For atomic_path's '<final>.<kind>-<pid>' of a process that is gone: <final>; else None."""
+        m = LEFTOVER.match(name)
+        return m["name"] if m is not None and m["kind"] == kind and not pid_alive(int(m["pid"])) else None
 
     removed = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        backup_of = (_LEFTOVER.match(name)["name"] if dead(name, "old")
-                     else name[: -len(".old")] if re.fullmatch(r"(epoch-\d+|final)\.old", name) else None)
+        backup_of = dead(name, "old") or (name[: -len(".old")] if re.fullmatch(r"(epoch-\d+|final)\.old", name)
+                                          else None)
         if dead(name, "tmp"):
             removed.append(path)
         elif backup_of and os.path.isdir(path):

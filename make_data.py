@@ -417,7 +417,7 @@ def model_seed(seed, name):
 def new_model_names(args):
     """--new-models as a list. Each writes its responses under its short name, which also seeds its sampling, so two
     local folders of one name ('final', 'base') would be one model of M_valid: refused."""
-    models = [m.strip() for m in (getattr(args, "new_models", None) or "").split(",") if m.strip()]
+    models = [m.strip() for m in args.new_models.split(",") if m.strip()]
     names = [short_model_name(m) for m in models]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -702,10 +702,11 @@ def remove_stale_tmp(out):
     (checkpoint.remove_leftovers cleans inside a folder the stage owns; the parent of --out is not ours.)"""
     parent, base = os.path.split(os.path.abspath(out))
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
-        m = re.fullmatch(re.escape(base) + r"\.(tmp|old)-(\d+)", name)
+        m = checkpoint.LEFTOVER.match(name)  # atomic_path's '<out>.tmp-<pid>' / '<out>.old-<pid>'
         path = os.path.join(parent, name)
-        if m and os.path.isdir(path) and checkpoint.folder_owner(path) == STAGE and not checkpoint.pid_alive(int(m[2])):
-            if m[1] == "old" and not os.path.exists(out):
+        if (m and m["name"] == base and os.path.isdir(path) and checkpoint.folder_owner(path) == STAGE
+                and not checkpoint.pid_alive(int(m["pid"]))):
+            if m["kind"] == "old" and not os.path.exists(out):
                 os.replace(path, out)
                 print(f"[start] put back {out} from {path}, left by a crashed make_data.py")
             else:
@@ -720,7 +721,8 @@ def main(argv=None):
     inputs = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (
         "train_file", "valid_file", "prompt_ood_file", "response_ood_file", "mutual_ood_file", "rl_prompts_file",
         "rl_eval_prompts_file", "dataset", "alpaca_eval_dir", "gold_model")]
-    inputs += [("--new-models", m) for m in new_model_names(args)]  # local folders among them are inputs too
+    if args.source == "ultrafeedback":  # the one source that samples --new-models: local folders are inputs too
+        inputs += [("--new-models", m) for m in new_model_names(args)]
     checkpoint.claim_out_dir(args.out, STAGE, inputs, legacy=("manifest.json", MANIFEST_KEYS), create=False)
     remove_stale_tmp(args.out)
     utils.quiet_libraries()

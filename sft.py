@@ -169,13 +169,14 @@ def load_conversations(source, split, tokenizer, max_length, truncate, append_eo
         if not isinstance(row["messages"], list):
             raise utils.DataError(f"{where}: field 'messages' must be a list of chat messages")
         msgs = utils.as_messages(row["messages"], "user", where, "messages")
-        first = next((m["role"] for m in msgs if m["role"] != "system"), None)
-        reason = ("no non-empty assistant turn" if not any(m["role"] == "assistant" and m["content"].strip()
-                                                           for m in msgs)
-                  # the first assistant turn's tokens are found after the rendered prefix before it, which an
-                  # empty prefix does not give (templates refuse to render it, or add a system prompt)
-                  else "an assistant turn before any user turn" if first == "assistant" else None)
-        if reason is None:
+        reason = None
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            reason = "no non-empty assistant turn"
+        elif next(m["role"] for m in msgs if m["role"] != "system") == "assistant":
+            # an assistant turn's tokens are found after the rendered prefix before it, which an empty prefix does
+            # not give (templates refuse to render it, or add a system prompt)
+            reason = "an assistant turn before any user turn"
+        else:
             try:
                 ids, mask = tokenize_conversation(tokenizer, msgs, append_eos)
             except Exception as e:  # the template refuses this row (jinja2: "roles must alternate", ...)
