@@ -134,6 +134,12 @@ def source_synthetic(args, skipped):
             sft.append({"messages": [{"role": "user", "content": prompts[pid]},
                                      {"role": "assistant", "content": answer}]})
     files = build_scenarios(prompts, train_ids, valid_ids, cand_train, cand_valid, args, skipped)
+    # Prompts are distinct as strings, not as tasks: `Add 7 and 12.` in X_valid is `What is 12 + 7?` of X_train
+    # reworded. Such rows would make the prompt-shifted sets partly in-domain, so they go (counted).
+    train_tasks = {toy_world.task_key(prompts[pid]) for pid in train_ids}
+    for name in ("valid_prompt_ood.jsonl", "valid_mutual_ood.jsonl", "rl_prompts.jsonl", "rl_eval_prompts.jsonl"):
+        files[name] = keep_counted(files[name], lambda r: toy_world.task_key(r["prompt"]) not in train_tasks,
+                                   skipped, name, "the task of an X_train prompt, reworded")
     files["sft.jsonl"] = sft
     responses = [(r["prompt"], y, m) for name in SCENARIO_FILES for r in files[name]
                  for y, m in zip(responses_of(r), models_of(r))]

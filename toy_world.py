@@ -113,6 +113,18 @@ def parse_task(prompt):
     return None
 
 
+def task_key(prompt):
+    """The task a toy prompt asks, whatever its wording: (family, fields), the operands of add and multiply in
+    order (`7 + 12` is `12 + 7`); None for any other text. Two prompts with one key are one task reworded."""
+    task = parse_task(prompt)
+    if task is None:
+        return None
+    family, fields = task[0], dict(task[1])
+    if family in ("add", "multiply"):
+        fields["a"], fields["b"] = sorted((fields["a"], fields["b"]), key=int)
+    return family, tuple(sorted(fields.items()))
+
+
 # Response models. M_train: the wordier the style, the more accurate it is (the spurious feature);
 # M_valid: unseen prefixes, fillers and answer formats, and wordiness no longer tracks accuracy.
 FILLERS = {

@@ -82,8 +82,18 @@ def test_synthetic_splits_are_disjoint(syn):
     x_train = {r["messages"][0]["content"] for r in rows(syn, "sft.jsonl")}  # SFT: one row per X_train prompt
     rl = {r["prompt"] for r in rows(syn, "rl_prompts.jsonl")}
     rl_eval = {r["prompt"] for r in rows(syn, "rl_eval_prompts.jsonl")}
-    x_valid = rl | rl_eval  # RLOO prompts: X_valid, split in two
-    assert len(x_train) == 160 and len(x_valid) == 40 and not x_train & x_valid
+    x_valid = rl | rl_eval  # RLOO prompts: X_valid, split in two, less the X_train tasks reworded (below)
+    skipped = json.load(open(os.path.join(syn, "manifest.json")))["skipped"]
+    reworded = {name: skipped.get(name, {}).get("the task of an X_train prompt, reworded", 0) for name in
+                ("valid_prompt_ood.jsonl", "valid_mutual_ood.jsonl", "rl_prompts.jsonl", "rl_eval_prompts.jsonl")}
+    assert len(x_train) == 160 and not x_train & x_valid
+    assert len(x_valid) + reworded["rl_prompts.jsonl"] + reworded["rl_eval_prompts.jsonl"] == 40
+    # disjoint as tasks too: `What is 12 + 7?` in X_train and `Add 7 and 12.` in X_valid is one task (this world
+    # draws such a pair: its rows went, counted)
+    assert sum(reworded.values()) > 0
+    train_tasks = {toy_world.task_key(p) for p in x_train}
+    for name in ("valid_prompt_ood.jsonl", "valid_mutual_ood.jsonl", "rl_prompts.jsonl", "rl_eval_prompts.jsonl"):
+        assert not {toy_world.task_key(r["prompt"]) for r in rows(syn, name)} & train_tasks, name
     assert rl and rl_eval and not rl & rl_eval
     for name, x in (("train.jsonl", x_train), ("valid_id.jsonl", x_train), ("valid_response_ood.jsonl", x_train),
                     ("valid_prompt_ood.jsonl", x_valid), ("valid_mutual_ood.jsonl", x_valid)):
@@ -141,6 +151,16 @@ def test_synthetic_is_deterministic(syn, tmp_path):
 ])
 def test_gold_reward_by_hand(prompt, response, expected):
     assert toy_world.gold_reward(prompt, response) == pytest.approx(expected, abs=1e-4)
+
+
+def test_task_key_is_the_task_whatever_the_wording():
+    assert toy_world.task_key("What is 12 + 7?") == toy_world.task_key("Add 7 and 12.")
+    assert toy_world.task_key("Multiply 3 by 14.") == toy_world.task_key("What is 14 times 3?")
+    assert toy_world.task_key("Spell 'kola' backwards.") == toy_world.task_key("Reverse the letters of the word 'kola'.")
+    assert toy_world.task_key("What is 12 + 7?") != toy_world.task_key("What is 12 times 7?")
+    assert toy_world.task_key("Sort these numbers from smallest to largest: 3, 1.") != toy_world.task_key(
+        "Sort these numbers from smallest to largest: 1, 3.")  # another input list (same answer) is another task
+    assert toy_world.task_key("What is the capital of France?") is None
 
 
 def test_gold_reward_imports_only_stdlib():
