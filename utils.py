@@ -405,11 +405,10 @@ def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncat
     prompt_msgs = [] if prompt is None else as_messages(prompt, "user", "encode", "prompt") if prompt else []
     response_msgs = as_messages(response, "assistant", "encode", "response")
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif is_encoder_tokenizer(tokenizer):
+        ids = tokenize_chat(tokenizer, prompt_msgs + response_msgs)
+    elif is_encoder_tokenizer(tokenizer):  # a "[SEP]" written in a text stays text (see tokenize_chat)
         ids = tokenizer("\n\n".join(m["content"] for m in prompt_msgs),
-                        "\n\n".join(m["content"] for m in response_msgs))["input_ids"]
+                        "\n\n".join(m["content"] for m in response_msgs), split_special_tokens=True)["input_ids"]
     else:
         raise ValueError("tokenizer has no chat template; load it with utils.load_tokenizer")
     pad = tokenizer.pad_token_id
@@ -420,6 +419,40 @@ def encode_prompt_response(tokenizer, prompt, response, max_length=None, truncat
             return None
         special_first = ids[0] in (tokenizer.bos_token_id, tokenizer.cls_token_id) and ids[0] is not None
         ids = ids[:1] + ids[len(ids) - max_length + 1:] if special_first else ids[len(ids) - max_length:]
+    return ids
+
+
+def special_token_ids(tokenizer):
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def tokenize_chat(tokenizer, messages):
+    """Token ids of the chat template's text, where a special token SPELLED inside a message (a response that writes
+    "<|im_end|>" with ordinary tokens) stays text instead of becoming the control token: rloo.py decodes the policy's
+    samples and re-encodes them for the RM, and a policy must not end the RM's view of its turn by spelling its end.
+    Messages that spell none (nearly all): HF's own ids. A template that rewrites the contents it renders: HF's ids."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    specials = special_token_ids(tokenizer)
+    spelled = {tokenizer.convert_ids_to_tokens(i) for i in specials}
+    if not any(t in m["content"] for m in messages for t in spelled):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # where each content sits in the text: render with placeholders, then match the real text around them
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    skeleton = tokenizer.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)], tokenize=False)
+    spans, pos = [], 0
+    for m, k in zip(messages, marks):
+        before, _, skeleton = skeleton.partition(k)
+        if not (text.startswith(before, pos) and text.startswith(m["content"], pos + len(before))):
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        pos += len(before)
+        spans.append((pos, pos + len(m["content"])))
+        pos += len(m["content"])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = []
+    for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        spelled_in_content = i in specials and any(lo <= a and b <= hi for lo, hi in spans)
+        ids += tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
+            if spelled_in_content else [i]
     return ids
 
 
@@ -675,6 +708,6 @@ def turn_end_ids(tokenizer):
     after = render_chat(tokenizer, msgs, False)
     tail = after[len(before):]
     tail = tail[tail.index(probe) + len(probe):] if probe in tail else ""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    special = special_token_ids(tokenizer)
     ids = [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
     return ids[:1]  # the first special token after the content ends the turn
