@@ -265,7 +265,7 @@ def chat_samples_vllm(name, conversations, n, sampling, seed, tensor_parallel_si
     """[[n texts] per conversation] from model `name` on a vLLM engine of its own (freed before returning): the same
     prompt ids and sampling as chat_samples_hf. sampling: temperature, top_p, max_new_tokens (make_data.py's args)."""
     tok = utils.load_tokenizer(name)
-    ids = [tok(utils.render_chat(tok, c, True), add_special_tokens=False)["input_ids"] for c in conversations]
+    ids = [utils.tokenize_chat(tok, c, add_generation_prompt=True) for c in conversations]
     longest = max(len(p) for p in ids)
     llm = vllm_engine(name, max_model_len=longest + sampling.max_new_tokens, colocated=False,
                       dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, seed=seed,
@@ -298,8 +298,8 @@ def chat_samples_hf(name, conversations, n, sampling, seed, batch_size, trust_re
     torch.manual_seed(seed)
     texts = []
     for i in utils.progress(range(0, len(conversations), batch_size), desc=desc):
-        chats = [utils.render_chat(tok, c, True) for c in conversations[i: i + batch_size]]
-        enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        chats = [utils.tokenize_chat(tok, c, add_generation_prompt=True) for c in conversations[i: i + batch_size]]
+        enc = tok.pad({"input_ids": chats}, return_tensors="pt").to(device)  # left: tok.padding_side
         with torch.no_grad():
             gen = model.generate(**enc, generation_config=gen_config)
         decoded = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

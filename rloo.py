@@ -244,7 +244,7 @@ def load_prompts(source, split, tokenizer, max_prompt_length, max_rows=None):
             skipped["empty prompt"] = skipped.get("empty prompt", 0) + 1
             continue
         msgs = utils.as_messages(value, "user", where, field)
-        ids = tokenizer(utils.render_chat(tokenizer, msgs, True), add_special_tokens=False)["input_ids"]
+        ids = utils.tokenize_chat(tokenizer, msgs, add_generation_prompt=True)
         if len(ids) > max_prompt_length:
             reason = f"longer than --max-prompt-length {max_prompt_length}"
             skipped[reason] = skipped.get(reason, 0) + 1

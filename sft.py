@@ -75,9 +75,10 @@ def tokenize_conversation(tokenizer, messages, append_eos=False):
             raise ValueError("the chat template does not render a conversation's prefixes as prefixes of the "
                              "whole conversation, so assistant tokens cannot be located; use another template")
         spans.append((len(before), len(after)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, mask, span_i = [], [], 0
-    for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+    # HF's ids and offsets, except that a special token spelled inside a message stays text (as train_rm and rloo
+    # encode it)
+    for tok, start in zip(*utils.tokenize_chat(tokenizer, messages, offsets=True)):
         while append_eos and span_i < len(spans) and start >= spans[span_i][1]:
             ids.append(tokenizer.eos_token_id)
             mask.append(1)

@@ -426,34 +426,48 @@ def special_token_ids(tokenizer):
     return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
-def tokenize_chat(tokenizer, messages):
-    """Token ids of the chat template's text, where a special token SPELLED inside a message (a response that writes
-    "<|im_end|>" with ordinary tokens) stays text instead of becoming the control token: rloo.py decodes the policy's
-    samples and re-encodes them for the RM, and a policy must not end the RM's view of its turn by spelling its end.
-    Messages that spell none (nearly all): HF's own ids. A template that rewrites the contents it renders: HF's ids."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def tokenize_chat(tokenizer, messages, add_generation_prompt=False, offsets=False):
+    """Token ids of the chat template's text (with offsets: (ids, the character where each token starts)).
+
+    A special token SPELLED inside a message (a response that writes "<|im_end|>" with ordinary characters) stays
+    text instead of becoming the control token HF's tokenizer makes of it: rloo.py decodes the policy's samples and
+    re-encodes them for the RM, and a policy must not end the RM's view of its turn by spelling its end. Messages that
+    spell none (nearly all): HF's own ids. A template that rewrites the contents it renders: HF's ids."""
+    text = render_chat(tokenizer, messages, add_generation_prompt)
     specials = special_token_ids(tokenizer)
-    spelled = {tokenizer.convert_ids_to_tokens(i) for i in specials}
-    if not any(t in m["content"] for m in messages for t in spelled):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    # where each content sits in the text: render with placeholders, then match the real text around them
+    names = {tokenizer.convert_ids_to_tokens(i) for i in specials}
+    spelled = tokenizer.is_fast and any(name in m["content"] for m in messages for name in names)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets or spelled)
+    ids, starts = enc["input_ids"], [a for a, _ in enc.get("offset_mapping", [])]
+    if spelled:
+        spans = content_spans(tokenizer, messages, add_generation_prompt, text)
+        ids, starts = [], []
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if i in specials and any(lo <= a and b <= hi for lo, hi in spans):  # spelled in a message: as text
+                sub = tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True,
+                                return_offsets_mapping=True)
+                ids += sub["input_ids"]
+                starts += [a + c for c, _ in sub["offset_mapping"]]
+            else:
+                ids.append(i)
+                starts.append(a)
+    return (ids, starts) if offsets else ids
+
+
+def content_spans(tokenizer, messages, add_generation_prompt, text):
+    """[(start, end)] of each message's content in the rendered text, found by rendering placeholders in their place;
+    [] when the template does not render the contents verbatim."""
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
-    skeleton = tokenizer.apply_chat_template([dict(m, content=k) for m, k in zip(messages, marks)], tokenize=False)
+    skeleton = render_chat(tokenizer, [dict(m, content=k) for m, k in zip(messages, marks)], add_generation_prompt)
     spans, pos = [], 0
     for m, k in zip(messages, marks):
         before, _, skeleton = skeleton.partition(k)
         if not (text.startswith(before, pos) and text.startswith(m["content"], pos + len(before))):
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return []
         pos += len(before)
         spans.append((pos, pos + len(m["content"])))
         pos += len(m["content"])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = []
-    for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-        spelled_in_content = i in specials and any(lo <= a and b <= hi for lo, hi in spans)
-        ids += tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"] \
-            if spelled_in_content else [i]
-    return ids
+    return spans
 
 
 def pad_batch(seqs, pad_id, device=None):

@@ -43,6 +43,22 @@ def test_assistant_mask_on_hand_made_conversation(tmp_path):
     assert utils.turn_end_ids(tok) == [tok.eos_token_id]
 
 
+def test_a_special_token_spelled_in_a_message_is_trained_as_text(tmp_path):
+    """A reply that writes "<eos>" is text the policy learns to write, not an end of turn inside the turn."""
+    tok = make_tokenizer(str(tmp_path))
+    conv = [{"role": "user", "content": "say <|assistant|>"}, {"role": "assistant", "content": "yes <eos> no"}]
+    ids, mask = sft.tokenize_conversation(tok, conv)
+    exp_ids, exp_mask = [], []  # HF splits the text at what it takes for special tokens; the spelled ones: as text
+    for text, trained, spelled in [("<|user|>", 0, 0), ("say ", 0, 0), ("<|assistant|>", 0, 1), ("<eos>", 0, 0),
+                                   ("<|assistant|>", 0, 0), ("yes ", 1, 0), ("<eos>", 1, 1), (" no", 1, 0),
+                                   ("<eos>", 1, 0)]:
+        piece = tok(text, add_special_tokens=False, split_special_tokens=bool(spelled))["input_ids"]
+        exp_ids += piece
+        exp_mask += [trained] * len(piece)
+    assert ids == exp_ids and mask == exp_mask
+    assert ids.count(tok.eos_token_id) == 2 and ids.count(tok.convert_tokens_to_ids("<|assistant|>")) == 1
+
+
 def test_assistant_mask_template_without_end_token_appends_eos(tmp_path):
     tok = make_tokenizer(str(tmp_path))
     tok.chat_template = utils.DEFAULT_CHAT_TEMPLATE  # "<|role|>\ncontent\n": nothing special ends a turn

@@ -155,6 +155,13 @@ def test_a_special_token_spelled_in_a_text_stays_text(models):
         plain = [{"role": "user", "content": "sort the list"}, {"role": "assistant", "content": "no the cat"}]
         assert utils.encode_prompt_response(tok, plain[:1], plain[1:]) == \
             tok(tok.apply_chat_template(plain, tokenize=False), add_special_tokens=False)["input_ids"]
+    # the policy's prompt (rloo.py, generation) and sft's offsets: the same rule
+    prompt = [{"role": "user", "content": "say <|assistant|> now"}]
+    ids, starts = utils.tokenize_chat(tok, prompt, add_generation_prompt=True, offsets=True)
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids) == text and ids.count(tok.convert_tokens_to_ids("<|assistant|>")) == 1
+    assert len(starts) == len(ids) and starts == sorted(starts)  # each token's first character in the text
+    assert [tok.decode(ids[k:k + 1]) for k in range(len(ids)) if starts[k] == text.index("<|assistant|>")] == ["<"]
     bert = utils.load_tokenizer(_minilm_path())
     ids = utils.encode_prompt_response(bert, "hello [SEP] there", "world [CLS] [SEP]")
     assert ids.count(bert.sep_token_id) == 2 and ids.count(bert.cls_token_id) == 1
