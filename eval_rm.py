@@ -49,7 +49,7 @@ FILES = {"id": "valid_id.jsonl", "prompt_ood": "valid_prompt_ood.jsonl", "respon
 SUBSET_DOMAIN = (("alpacaeval", "chat"), ("mt-bench", "chat"), ("llmbar", "chat"), ("hep-", "code"),
                  ("bigcode/humanevalpack", "code"), ("humanevalpack", "code"), ("math", "math"), ("xstest", "safety"),
                  ("refusals", "safety"), ("donotanswer", "safety"), ("do-not-answer", "safety"))
-CACHE_VERSION = 2  # 2: hh-rlhf transcripts parsed into turns (scores of such files changed)
+CACHE_VERSION = 3  # 2: hh-rlhf transcripts parsed into turns; 3: special tokens spelled in a text stay text
 
 # ===================================================================================================
 # ALGORITHM CORE: the metrics (each checked against scipy or a hand computation in tests/test_eval_rm.py)
