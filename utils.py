@@ -4,6 +4,7 @@ own logic lives in the stage; saving and resuming are in checkpoint.py, the vLLM
 (make_data.py and rloo.py) in generation.py, which the reward-model stages never import."""
 
 import argparse
+import functools
 import glob
 import gzip
 import hashlib
@@ -426,48 +427,69 @@ def special_token_ids(tokenizer):
     return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
 
+@functools.lru_cache(maxsize=16)
+def special_tokens(tokenizer, vocab_size):
+    """(ids, a regex matching the text of any) of the tokenizer's special tokens; vocab_size: len(tokenizer)."""
+    ids = special_token_ids(tokenizer)
+    names = sorted({tokenizer.convert_ids_to_tokens(i) for i in ids} - {""}, key=len, reverse=True)
+    return ids, re.compile("|".join(map(re.escape, names)) or "(?!)")
+
+
 def tokenize_chat(tokenizer, messages, add_generation_prompt=False, offsets=False):
     """Token ids of the chat template's text (with offsets: (ids, the character where each token starts)).
 
     A special token SPELLED inside a message (a response that writes "<|im_end|>" with ordinary characters) stays
     text instead of becoming the control token HF's tokenizer makes of it: rloo.py decodes the policy's samples and
-    re-encodes them for the RM, and a policy must not end the RM's view of its turn by spelling its end. Messages that
-    spell none (nearly all): HF's own ids. A template that rewrites the contents it renders: HF's ids."""
+    re-encodes them for the RM, and a policy must not end the RM's view of its turn by spelling its end. HF tokenizes
+    the text between two control tokens on its own; such a piece that holds a spelled one is tokenized again with the
+    spelled token as text, which is HF's result had the token been text (SentencePiece with prepend_scheme "first":
+    plus a leading "▁"). Messages that spell none (nearly all): HF's own ids. A template that renders the contents
+    neither verbatim nor trimmed: HF's ids."""
     text = render_chat(tokenizer, messages, add_generation_prompt)
-    specials = special_token_ids(tokenizer)
-    names = {tokenizer.convert_ids_to_tokens(i) for i in specials}
-    spelled = tokenizer.is_fast and any(name in m["content"] for m in messages for name in names)
+    specials, spelled_rx = special_tokens(tokenizer, len(tokenizer))
+    spelled = tokenizer.is_fast and any(spelled_rx.search(m["content"]) for m in messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets or spelled)
     ids, starts = enc["input_ids"], [a for a, _ in enc.get("offset_mapping", [])]
-    if spelled:
-        spans = content_spans(tokenizer, messages, add_generation_prompt, text)
-        ids, starts = [], []
-        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            if i in specials and any(lo <= a and b <= hi for lo, hi in spans):  # spelled in a message: as text
-                sub = tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True,
-                                return_offsets_mapping=True)
-                ids += sub["input_ids"]
-                starts += [a + c for c, _ in sub["offset_mapping"]]
-            else:
-                ids.append(i)
-                starts.append(a)
+    if not spelled:
+        return (ids, starts) if offsets else ids
+    spans = content_spans(tokenizer, messages, add_generation_prompt, text)
+
+    def in_a_message(a, b):  # the token's own characters, not the whitespace an lstrip/rstrip token takes along
+        a, b = a + len(text[a:b]) - len(text[a:b].lstrip()), b - (len(text[a:b]) - len(text[a:b].rstrip()))
+        return any(lo <= a and b <= hi for lo, hi in spans)
+
+    ids, starts, piece, piece_start = [], [], [], 0
+    for i, (a, b) in list(zip(enc["input_ids"], enc["offset_mapping"])) + [(None, (len(text), len(text)))]:
+        if i is not None and not (i in specials and not in_a_message(a, b)):
+            piece.append((i, a))  # ordinary text, or a special token spelled in a message
+            continue
+        if any(j in specials for j, _ in piece):  # the piece up to this control token, again, all as text
+            sub = tokenizer(text[piece_start:a], add_special_tokens=False, split_special_tokens=True,
+                            return_offsets_mapping=True)
+            piece = [(j, piece_start + c) for j, (c, _) in zip(sub["input_ids"], sub["offset_mapping"])]
+        ids += [j for j, _ in piece] + ([i] if i is not None else [])
+        starts += [c for _, c in piece] + ([a] if i is not None else [])
+        piece, piece_start = [], b
     return (ids, starts) if offsets else ids
 
 
 def content_spans(tokenizer, messages, add_generation_prompt, text):
     """[(start, end)] of each message's content in the rendered text, found by rendering placeholders in their place;
-    [] when the template does not render the contents verbatim."""
+    [] when the template renders a content neither verbatim nor trimmed (Llama-3 and Gemma templates trim)."""
     marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
     skeleton = render_chat(tokenizer, [dict(m, content=k) for m, k in zip(messages, marks)], add_generation_prompt)
     spans, pos = [], 0
     for m, k in zip(messages, marks):
         before, _, skeleton = skeleton.partition(k)
-        if not (text.startswith(before, pos) and text.startswith(m["content"], pos + len(before))):
+        if not text.startswith(before, pos):
             return []
         pos += len(before)
-        spans.append((pos, pos + len(m["content"])))
-        pos += len(m["content"])
-    return spans
+        content = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c, pos)), None)
+        if content is None:
+            return []
+        spans.append((pos, pos + len(content)))
+        pos += len(content)
+    return spans if text[pos:] == skeleton else []
 
 
 def pad_batch(seqs, pad_id, device=None):
