@@ -28,8 +28,9 @@ The algorithm (one optimizer step per batch of B = --global-batch-size completio
   1. sample k responses y_1..y_k per prompt x from pi (temperature --temperature, top-p --top-p, no top-k)
   2. score each with the proxy RM: s_i = r(x, y_i). The response is decoded to text and re-encoded with
      the RM's own tokenizer and chat template by utils.encode_prompt_response (the input train_rm.py
-     trained on; a special token the policy spells with ordinary tokens stays text). Batched RM scoring gives the rewards of batch size 1 (the paper's choice): right
-     padding, the head reads the last real token (tested).
+     trained on; a special token the policy spells with ordinary tokens stays text). Batched RM scoring
+     gives the rewards of batch size 1 (the paper's choice): right padding, the head reads the last real
+     token (tested).
      Truncation rule: a response that reaches --max-new-tokens without a stop token (eos or the chat
      template's end-of-turn token) gets s_i - --missing-eos-penalty (TRL's missing_eos_penalty).
   3. KL, PER SEQUENCE: kl_i = sum_t [log pi(y_i,t | .) - log pi_ref(y_i,t | .)] over the sampled tokens
