@@ -156,7 +156,8 @@ def test_gold_reward_by_hand(prompt, response, expected):
 def test_task_key_is_the_task_whatever_the_wording():
     assert toy_world.task_key("What is 12 + 7?") == toy_world.task_key("Add 7 and 12.")
     assert toy_world.task_key("Multiply 3 by 14.") == toy_world.task_key("What is 14 times 3?")
-    assert toy_world.task_key("Spell 'kola' backwards.") == toy_world.task_key("Reverse the letters of the word 'kola'.")
+    assert toy_world.task_key("Spell 'kola' backwards.") == \
+        toy_world.task_key("Reverse the letters of the word 'kola'.")
     assert toy_world.task_key("What is 12 + 7?") != toy_world.task_key("What is 12 times 7?")
     assert toy_world.task_key("Sort these numbers from smallest to largest: 3, 1.") != toy_world.task_key(
         "Sort these numbers from smallest to largest: 1, 3.")  # another input list (same answer) is another task
