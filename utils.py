@@ -455,12 +455,15 @@ def tokenize_chat(tokenizer, messages, add_generation_prompt=False, offsets=Fals
     spans = content_spans(tokenizer, messages, add_generation_prompt, text)
 
     def in_a_message(a, b):  # the token's own characters, not the whitespace an lstrip/rstrip token takes along
-        a, b = a + len(text[a:b]) - len(text[a:b].lstrip()), b - (len(text[a:b]) - len(text[a:b].rstrip()))
+        core = text[a:b]
+        a, b = a + len(core) - len(core.lstrip()), b - (len(core) - len(core.rstrip()))
         return any(lo <= a and b <= hi for lo, hi in spans)
 
     ids, starts, piece, piece_start = [], [], [], 0
-    for i, (a, b) in list(zip(enc["input_ids"], enc["offset_mapping"])) + [(None, (len(text), len(text)))]:
-        if i is not None and not (i in specials and not in_a_message(a, b)):
+    end_of_text = (None, (len(text), len(text)))  # closes the last piece
+    for i, (a, b) in list(zip(enc["input_ids"], enc["offset_mapping"])) + [end_of_text]:
+        template_control = i is None or (i in specials and not in_a_message(a, b))
+        if not template_control:
             piece.append((i, a))  # ordinary text, or a special token spelled in a message
             continue
         if any(j in specials for j, _ in piece):  # the piece up to this control token, again, all as text
