@@ -362,9 +362,7 @@ def test_two_process_run_under_the_deepspeed_launcher(world):
 
 
 def test_gold_synthetic_uses_toy_world_gold_reward(world):
-    from toy_world import gold_reward
-
-    from toy_world import make_prompts
+    from toy_world import gold_reward, make_prompts
 
     d, args, _ = world
     out = str(d / "synthetic")
