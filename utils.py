@@ -444,7 +444,7 @@ def tokenize_chat(tokenizer, messages, add_generation_prompt=False, offsets=Fals
     the text between two control tokens on its own; such a piece that holds a spelled one is tokenized again with the
     spelled token as text, which is HF's result had the token been text (SentencePiece with prepend_scheme "first":
     plus a leading "▁"). Messages that spell none (nearly all): HF's own ids. A template that renders the contents
-    neither verbatim nor trimmed: HF's ids."""
+    neither verbatim nor trimmed, or a slow (Python) tokenizer, which gives no offsets: HF's ids."""
     text = render_chat(tokenizer, messages, add_generation_prompt)
     specials, spelled_rx = special_tokens(tokenizer, len(tokenizer))
     spelled = tokenizer.is_fast and any(spelled_rx.search(m["content"]) for m in messages)
